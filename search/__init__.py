@@ -1,0 +1,1 @@
+"""The search driver: command line, Ray Tune with OptunaSearch and ASHA, run folders."""

@@ -1,0 +1,191 @@
+"""Export a finished (or stopped) search to typed Parquet tables.
+
+``trials.parquet`` has one row per trial and ``epochs.parquet`` one row per trial and epoch. Column
+names and types are fixed by the schemas below, so that runs can be concatenated and compared; a column
+never mixes types.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from data.io import write_parquet_atomic
+
+__all__ = ["EPOCH_SCHEMA", "TRIAL_SCHEMA", "export_run", "leaderboard", "load_run_config"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "lesiontune_config.yaml"
+TRIALS_FILE = "trials.parquet"
+EPOCHS_FILE = "epochs.parquet"
+
+METRIC_COLUMNS = ("val_auc", "val_pauc80", "val_average_precision", "val_sensitivity", "val_specificity", "val_f2",
+                  "val_balanced_accuracy", "val_sens_at_spec", "val_spec_at_sens", "val_threshold")
+
+_HYPERPARAMETER_FIELDS = [
+    pa.field("backbone", pa.string()),
+    pa.field("balancing", pa.string()),
+    pa.field("unfrozen_layers", pa.int64()),
+    pa.field("augmentation_intensity", pa.float64()),
+    pa.field("learning_rate", pa.float64()),
+    pa.field("batch_size", pa.int64()),
+    pa.field("dropout", pa.float64()),
+    pa.field("image_size", pa.int64()),
+]
+
+TRIAL_SCHEMA = pa.schema([
+    pa.field("trial_id", pa.string()),
+    pa.field("status", pa.string()),
+    *_HYPERPARAMETER_FIELDS,
+    pa.field("objective", pa.string()),
+    pa.field("best_objective", pa.float64()),
+    pa.field("last_objective", pa.float64()),
+    pa.field("best_epoch", pa.int64()),
+    pa.field("epochs_run", pa.int64()),
+    pa.field("stopped_early", pa.bool_()),
+    *[pa.field(f"best_{name}", pa.float64()) for name in METRIC_COLUMNS],
+    pa.field("wall_seconds", pa.float64()),
+    pa.field("error", pa.string()),
+])
+
+EPOCH_SCHEMA = pa.schema([
+    pa.field("trial_id", pa.string()),
+    pa.field("epoch", pa.int64()),
+    pa.field("objective_value", pa.float64()),
+    pa.field("train_loss", pa.float64()),
+    *[pa.field(name, pa.float64()) for name in METRIC_COLUMNS],
+    pa.field("trainable_weight_layers", pa.int64()),
+    pa.field("epoch_seconds", pa.float64()),
+    pa.field("time_total_s", pa.float64()),
+])
+
+
+def load_run_config(run_dir: Path) -> dict:
+    """Read the resolved experiment saved in a run folder."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a lesiontune run folder: {CONFIG_FILE} not found. "
+                                "Pass the folder that 'lesiontune search' printed (STORAGE_PATH/NAME).")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _read_results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def _trial_states(run_dir: Path) -> dict[str, dict]:
+    """Read each trial's status and error from Tune's newest experiment state file."""
+    states = sorted(run_dir.glob("experiment_state-*.json"), key=os.path.getmtime)
+    if not states:
+        return {}
+    document = json.loads(states[-1].read_text(encoding="utf-8"))
+    found: dict[str, dict] = {}
+    for entry in document.get("trial_data", []):
+        trial_json = entry[0] if isinstance(entry, (list, tuple)) else entry
+        state = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+        trial_id = state.get("trial_id")
+        if trial_id:
+            found[trial_id] = state
+    return found
+
+
+def _error_text(trial_dir: Path, state: dict) -> str | None:
+    for name in ("error.txt", "error.pkl"):
+        if (trial_dir / name).is_file() and name.endswith(".txt"):
+            lines = [line for line in (trial_dir / name).read_text(errors="replace").splitlines() if line.strip()]
+            return lines[-1] if lines else "failed"
+    return state.get("error_msg") or None
+
+
+def _finite(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _trial_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in run_dir.glob("*/params.json"))
+
+
+def export_run(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Write ``trials.parquet`` and ``epochs.parquet`` into ``run_dir``; return the trials table."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    objective = config["search"]["objective"]
+    metric = f"val_{objective}"
+    max_epochs = int(config["search"]["max_epochs"])
+    states = _trial_states(run_dir)
+
+    trial_rows, epoch_rows = [], []
+    for trial_dir in _trial_dirs(run_dir):
+        params = json.loads((trial_dir / "params.json").read_text(encoding="utf-8"))
+        results = _read_results(trial_dir)
+        trial_id = results[0]["trial_id"] if results else trial_dir.name.split("_")[-3]
+        state = states.get(trial_id, {})
+        status = state.get("status") or ("TERMINATED" if results else "PENDING")
+        error = _error_text(trial_dir, state)
+        if error and status == "TERMINATED":
+            status = "ERROR"
+
+        objectives = [_finite(r.get(metric)) for r in results]
+        best_index = int(np.nanargmax([v if v is not None else -np.inf for v in objectives])) if results else None
+        best = results[best_index] if best_index is not None else {}
+        epochs_run = len(results)
+        row = {
+            "trial_id": trial_id, "status": status,
+            **{field.name: params.get(field.name) for field in _HYPERPARAMETER_FIELDS},
+            "objective": objective,
+            "best_objective": objectives[best_index] if best_index is not None else None,
+            "last_objective": objectives[-1] if results else None,
+            "best_epoch": int(best["epoch"]) if best else None,
+            "epochs_run": epochs_run,
+            "stopped_early": bool(status == "TERMINATED" and 0 < epochs_run < max_epochs),
+            **{f"best_{name}": _finite(best.get(name)) for name in METRIC_COLUMNS},
+            "wall_seconds": _finite(results[-1].get("time_total_s")) if results else None,
+            "error": error,
+        }
+        trial_rows.append(row)
+        for result in results:
+            epoch_rows.append({
+                "trial_id": trial_id, "epoch": int(result["epoch"]), "objective_value": _finite(result.get(metric)),
+                "train_loss": _finite(result.get("train_loss")),
+                **{name: _finite(result.get(name)) for name in METRIC_COLUMNS},
+                "trainable_weight_layers": result.get("trainable_weight_layers"),
+                "epoch_seconds": _finite(result.get("epoch_seconds")),
+                "time_total_s": _finite(result.get("time_total_s")),
+            })
+
+    trial_rows.sort(key=lambda r: r["trial_id"])
+    epoch_rows.sort(key=lambda r: (r["trial_id"], r["epoch"]))
+    trials = pa.Table.from_pylist(trial_rows, schema=TRIAL_SCHEMA)
+    epochs = pa.Table.from_pylist(epoch_rows, schema=EPOCH_SCHEMA)
+    write_parquet_atomic(trials, run_dir / TRIALS_FILE)
+    write_parquet_atomic(epochs, run_dir / EPOCHS_FILE)
+    logger.info("Wrote %d trials and %d epochs to %s", trials.num_rows, epochs.num_rows, run_dir)
+    return trials.to_pandas()
+
+
+def leaderboard(trials: pd.DataFrame, *, top: int = 10) -> pd.DataFrame:
+    """Return the ``top`` trials by best objective, with the searched factors and key metrics."""
+    columns = ["trial_id", "status", "best_objective", "best_epoch", "epochs_run", "stopped_early", "backbone",
+               "balancing", "unfrozen_layers", "augmentation_intensity", "learning_rate", "batch_size", "dropout",
+               "image_size", "best_val_auc", "best_val_sensitivity", "best_val_specificity", "best_val_f2"]
+    ranked = trials.sort_values("best_objective", ascending=False, na_position="last")
+    return ranked[columns].head(top).reset_index(drop=True)

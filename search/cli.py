@@ -1,0 +1,213 @@
+"""The ``lesiontune`` command line: ``search``, ``results`` and ``data`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "search_main"]
+
+logger = logging.getLogger("lesiontune")
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Return the errors a user can fix; they are printed as one line, without a traceback."""
+    from data.fetch import FetchError
+    from trainables.backbones import WeightsUnavailableError
+
+    return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FetchError, WeightsUnavailableError)
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="PATH",
+                      help="dataset folder or metadata CSV (isic-cli download, HAM10000, ISIC 2019/2020, class "
+                           "folders); default: a CC-0 ISIC sample downloaded into the user cache on first use")
+    data.add_argument("--layout", help="metadata layout; default: detected from the files")
+    data.add_argument("--positive-class", choices=("melanoma", "malignant"),
+                      help="positive class: melanoma (default) or any malignant lesion")
+    data.add_argument("--cache-dir", metavar="DIR",
+                      help="image cache folder (default: $LESIONTUNE_CACHE/images or ~/.cache/lesiontune/images); "
+                           "on a multi-node cluster it must be on storage every node can read")
+
+    experiment = parser.add_argument_group("experiment")
+    experiment.add_argument("--config", metavar="FILE.yaml", help="YAML experiment file; options below override it")
+    experiment.add_argument("--name", help="run name, the folder under --storage-path (default: timestamped)")
+    experiment.add_argument("--storage-path", metavar="DIR", help="where run folders go (default: ./lesiontune_runs)")
+    experiment.add_argument("--num-samples", type=int, metavar="N", help="number of trials")
+    experiment.add_argument("--max-epochs", type=int, metavar="N", help="epochs of a trial that ASHA never stops")
+    experiment.add_argument("--grace-period", type=int, metavar="N", help="epochs before ASHA may stop a trial")
+    experiment.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="image size(s) in pixels")
+    experiment.add_argument("--weights", metavar="{imagenet,none,DIR}",
+                            help="initial backbone weights: imagenet, none (from scratch) or a folder of weight files")
+    experiment.add_argument("--backbones", nargs="+", metavar="NAME", help="backbones to search, e.g. MobileNetV2")
+    experiment.add_argument("--objective", choices=("pauc80", "f2", "sens_at_spec", "auc"),
+                            help="validation metric to maximise (default pauc80)")
+    experiment.add_argument("--seed", type=int, help="seed of the split, the TPE sampler and the trials")
+
+    cluster = parser.add_argument_group("resources")
+    cluster.add_argument("--address", help="address of a running Ray cluster (default: start a local Ray)")
+    cluster.add_argument("--cpus-per-trial", type=float, metavar="N")
+    cluster.add_argument("--gpus-per-trial", type=float, metavar="N", help="fractions pack several trials on a GPU")
+    cluster.add_argument("--max-concurrent-trials", type=int, metavar="N")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved experiment and stop")
+    parser.add_argument("--quiet", action="store_true", help="log warnings only")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """Collect the command-line options that were given, in the YAML format."""
+    mapping = {
+        ("data", "path"): args.data, ("data", "layout"): args.layout,
+        ("data", "positive_class"): args.positive_class, ("data", "cache_dir"): args.cache_dir,
+        ("search", "name"): args.name, ("search", "storage_path"): args.storage_path,
+        ("search", "num_samples"): args.num_samples, ("search", "max_epochs"): args.max_epochs,
+        ("search", "grace_period"): args.grace_period, ("search", "objective"): args.objective,
+        ("search", "seed"): args.seed, ("search", "max_concurrent_trials"): args.max_concurrent_trials,
+        ("training", "weights"): args.weights,
+        ("resources", "cpus_per_trial"): args.cpus_per_trial, ("resources", "gpus_per_trial"): args.gpus_per_trial,
+        ("space", "backbone"): args.backbones, ("space", "image_size"): args.image_size,
+    }
+    overrides: dict = {}
+    for (section, key), value in mapping.items():
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def _run_search_command(args: argparse.Namespace) -> int:
+    from spaces.config import load_config
+
+    config = load_config(args.config, overrides=_overrides(args))
+    if not config.data["path"]:
+        from data.fetch import ensure_default_sample
+
+        logger.info("No --data given: using the CC-0 ISIC sample in the user cache")
+        config.data["path"] = str(ensure_default_sample())
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+
+    from search.driver import run_search
+
+    outcome = run_search(config, address=args.address, progress=not args.quiet)
+    _print_leaderboard(outcome.trials, outcome.metric)
+    print(f"\nResults: {outcome.run_dir / 'trials.parquet'} and {outcome.run_dir / 'epochs.parquet'}")
+    return 0
+
+
+def _print_leaderboard(trials, metric: str, top: int = 10) -> None:
+    import pandas as pd
+
+    from results.export import leaderboard
+
+    table = leaderboard(trials, top=top)
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+        print(f"Top {len(table)} of {len(trials)} trials by {metric}:")
+        print(table.to_string(index=False))
+
+
+def _results_command(args: argparse.Namespace) -> int:
+    from results.export import export_run
+
+    trials = export_run(args.run_dir)
+    if args.action == "export":
+        print(f"Wrote {Path(args.run_dir) / 'trials.parquet'} ({len(trials)} trials) and epochs.parquet")
+    objective = trials["objective"].iloc[0] if len(trials) else "objective"
+    _print_leaderboard(trials, f"val_{objective}", top=args.top)
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from data.metadata import load_dataset
+
+    dataset = load_dataset(args.path, positive_class=args.positive_class, layout=args.layout)
+    summary = dataset.summary()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _data_fetch(args: argparse.Namespace) -> int:
+    from data.fetch import fetch_isic_images
+
+    report = fetch_isic_images(args.directory, query=args.query, collections=args.collections or (),
+                               limit=args.limit, progress=not args.quiet)
+    print(f"{report.downloaded} downloaded, {report.skipped_existing} already present, {len(report.failed)} failed "
+          f"in {report.directory}")
+    for image_id, reason in report.failed:
+        print(f"  failed {image_id}: {reason}")
+    return 1 if report.failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesiontune", description="Hyperparameter search for melanoma classifiers.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    search = commands.add_parser("search", help="run a search (Optuna TPE + ASHA on Ray Tune)")
+    _add_search_arguments(search)
+    search.set_defaults(handler=_run_search_command)
+
+    results = commands.add_parser("results", help="export and rank the trials of a run")
+    results_commands = results.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("export", "write trials.parquet and epochs.parquet"), ("leaderboard", "print the top trials")):
+        sub = results_commands.add_parser(action, help=text)
+        sub.add_argument("run_dir", metavar="RUN_DIR", help="run folder (STORAGE_PATH/NAME)")
+        sub.add_argument("--top", type=int, default=10, help="trials to list (default 10)")
+        sub.add_argument("--quiet", action="store_true")
+        sub.set_defaults(handler=_results_command)
+
+    data = commands.add_parser("data", help="inspect or download datasets")
+    data_commands = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    inspect = data_commands.add_parser("inspect", help="print counts per class, exclusion reason and group")
+    inspect.add_argument("path", metavar="PATH")
+    inspect.add_argument("--positive-class", default="melanoma", choices=("melanoma", "malignant"))
+    inspect.add_argument("--layout", default="auto")
+    inspect.add_argument("--quiet", action="store_true")
+    inspect.set_defaults(handler=_data_inspect)
+    fetch = data_commands.add_parser("fetch", help="download images and metadata from the ISIC Archive")
+    fetch.add_argument("directory", metavar="DIR")
+    fetch.add_argument("--query", help="ISIC Archive search query, e.g. 'diagnosis_3:\"Melanoma Invasive\"'")
+    fetch.add_argument("--collections", type=int, nargs="+", metavar="ID", help="ISIC collection ids")
+    fetch.add_argument("--limit", type=int, metavar="N", help="maximum number of images")
+    fetch.add_argument("--quiet", action="store_true")
+    fetch.set_defaults(handler=_data_fetch)
+    return parser
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    _configure_logging(getattr(args, "quiet", False))
+    try:
+        return args.handler(args)
+    except _user_errors() as error:
+        print(f"lesiontune: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lesiontune: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lesiontune`` command and return its exit status."""
+    args = build_parser().parse_args(argv)
+    return _dispatch(args)
+
+
+def search_main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m search``: the ``lesiontune search`` options, without the subcommand."""
+    parser = argparse.ArgumentParser(prog="python -m search", description="Run a lesiontune search (for Ray jobs).")
+    _add_search_arguments(parser)
+    parser.set_defaults(handler=_run_search_command)
+    return _dispatch(parser.parse_args(argv))

@@ -1,0 +1,222 @@
+"""The search driver: prepare the data once, then run OptunaSearch (TPE) with ASHA on Ray Tune.
+
+The run folder is Tune's experiment folder (``STORAGE_PATH/NAME``). Besides Tune's own files it holds
+``lesiontune_config.yaml`` (the resolved experiment), ``manifest.parquet`` (the split every trial
+uses), ``data_summary.json`` and ``exclusions.parquet`` (what was left out and why), and after the
+search ``trials.parquet`` and ``epochs.parquet``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import socket
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from data.cache import build_image_cache
+from data.io import write_json_atomic, write_parquet_atomic
+from data.metadata import DataError, load_dataset
+from data.splits import SplitFractions, assign_splits, write_manifest
+from spaces.config import ExperimentConfig
+from spaces.tune_space import to_param_space
+from trainables.backbones import WeightsUnavailableError, get_backbone
+from trainables.trial import TrialSetup
+
+__all__ = ["PreparedData", "SearchOutcome", "default_cache_dir", "prepare_data", "run_search"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "lesiontune_config.yaml"
+MANIFEST_FILE = "manifest.parquet"
+SUMMARY_FILE = "data_summary.json"
+EXCLUSIONS_FILE = "exclusions.parquet"
+KERAS_WEIGHTS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The split manifest and one image cache per searched image size."""
+
+    manifest_path: Path
+    cache_paths: dict[int, str]
+    summary: dict[str, object]
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    run_dir: Path
+    trials: pd.DataFrame
+    metric: str
+
+
+def default_cache_dir() -> Path:
+    """Return ``$LESIONTUNE_CACHE/images``, else ``~/.cache/lesiontune/images``."""
+    root = os.environ.get("LESIONTUNE_CACHE") or Path.home() / ".cache" / "lesiontune"
+    return Path(root) / "images"
+
+
+def prepare_data(config: ExperimentConfig, run_dir: Path, *, progress: bool = True) -> PreparedData:
+    """Read the metadata, build the image caches, split by group and write the manifest and data report."""
+    settings = config.data
+    dataset = load_dataset(settings["path"], positive_class=settings["positive_class"], layout=settings["layout"])
+    records = dataset.records.reset_index(drop=True)
+    cache_root = Path(settings["cache_dir"]).expanduser() if settings["cache_dir"] else default_cache_dir()
+
+    cache_paths: dict[int, str] = {}
+    skipped_frames = []
+    cache = None
+    for size in sorted(config.space["image_size"].candidates()):
+        cache = build_image_cache(records["path"].tolist(), records["image_id"].tolist(), image_size=int(size),
+                                  cache_root=cache_root, progress=progress)
+        cache_paths[int(size)] = str(cache.path)
+        skipped_frames.append(cache.skipped[["image_id", "reason"]])
+    assert cache is not None  # the image_size parameter always has at least one value
+    records["cache_row"] = [cache.row_of(image_id) for image_id in records["image_id"]]
+
+    unreadable = pd.concat(skipped_frames).drop_duplicates("image_id")
+    records = records[~records["image_id"].isin(unreadable["image_id"])].reset_index(drop=True)
+    if records.empty:
+        raise DataError(f"None of the images in {dataset.root} could be decoded; see {run_dir / EXCLUSIONS_FILE}.")
+    exclusions = pd.concat([dataset.excluded, unreadable.assign(reason="unreadable image: " + unreadable["reason"])],
+                           ignore_index=True)
+
+    split = assign_splits(records, fractions=SplitFractions(settings["validation_fraction"], settings["test_fraction"]),
+                          seed=int(config.search["seed"]))
+    manifest_path = run_dir / MANIFEST_FILE
+    write_manifest(records, split, manifest_path)
+    write_parquet_atomic(exclusions.astype({"image_id": "string", "reason": "string"}), run_dir / EXCLUSIONS_FILE)
+
+    summary = dataset.summary()
+    summary["excluded"] = int(len(exclusions))
+    summary["excluded_by_reason"] = {str(k): int(v) for k, v in exclusions["reason"].value_counts().items()}
+    summary["images"] = int(len(records))
+    summary["positive"] = int(records["label"].sum())
+    summary["negative"] = int(len(records) - records["label"].sum())
+    summary["splits"] = {
+        name: {"images": int((split == name).sum()), "positive": int(records.loc[split == name, "label"].sum()),
+               "groups": int(records.loc[split == name, "group"].nunique())}
+        for name in ("train", "validation", "test")
+    }
+    summary["cache_paths"] = {str(k): v for k, v in cache_paths.items()}
+    write_json_atomic(summary, run_dir / SUMMARY_FILE)
+    return PreparedData(manifest_path=manifest_path, cache_paths=cache_paths, summary=summary)
+
+
+def check_imagenet_weights(backbones: list[str], image_sizes: list[int], *, origin: str = KERAS_WEIGHTS_ORIGIN,
+                           timeout: float = 10.0) -> None:
+    """Fail before any trial starts if ImageNet weights are neither cached nor downloadable."""
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    missing = [get_backbone(b).weights_file_for(s) for b in backbones for s in image_sizes
+               if not (cache / get_backbone(b).weights_file_for(s)).is_file()]
+    if not missing:
+        return
+    try:
+        urllib.request.urlopen(urllib.request.Request(origin, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # The server answered, so the network works; the file download itself may still fail later.
+    except (urllib.error.URLError, socket.timeout, OSError) as error:
+        raise WeightsUnavailableError(
+            f"ImageNet weights are not cached ({', '.join(sorted(set(missing)))}) and {origin} cannot be reached "
+            f"({getattr(error, 'reason', error)}). Use --weights none to train from scratch, or --weights DIR with a "
+            "folder of pre-downloaded weight files."
+        ) from error
+
+
+def _concurrency(config: ExperimentConfig, cluster_cpus: float, cluster_gpus: float) -> int:
+    """Trials that fit at once: the configured limit, else what the CPUs and GPUs allow."""
+    limit = config.search["max_concurrent_trials"]
+    if limit:
+        return int(limit)
+    cpus, gpus = config.resources["cpus_per_trial"], config.resources["gpus_per_trial"]
+    fits = math.floor(cluster_cpus / cpus) if cpus else 1
+    if gpus:
+        fits = min(fits, math.floor(cluster_gpus / gpus))
+    return max(1, fits)
+
+
+def _run_name(config: ExperimentConfig) -> str:
+    return config.search["name"] or "lesiontune-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run_search(config: ExperimentConfig, *, address: str | None = None, progress: bool = True) -> SearchOutcome:
+    """Prepare the data, run the search and export ``trials.parquet`` and ``epochs.parquet``."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from results.export import export_run
+    from trainables.trial import train_classifier
+
+    name = _run_name(config)
+    storage_path = Path(config.search["storage_path"] or Path.cwd() / "lesiontune_runs").expanduser().resolve()
+    run_dir = storage_path / name
+    if (run_dir / "trials.parquet").exists():
+        raise ValueError(f"Run folder {run_dir} already holds a finished search. Choose another --name.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    logger.info("Experiment %s in %s:\n%s", name, run_dir, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    weights = config.training["weights"]
+    if weights == "imagenet":
+        check_imagenet_weights(list(config.space["backbone"].candidates()),
+                               [int(s) for s in config.space["image_size"].candidates()])
+    prepared = prepare_data(config, run_dir, progress=progress)
+
+    metric = f"val_{config.search['objective']}"
+    setup = TrialSetup(
+        manifest_path=str(prepared.manifest_path), cache_paths=prepared.cache_paths,
+        max_epochs=int(config.search["max_epochs"]),
+        weights=weights if weights in ("imagenet", "none") else str(Path(weights).expanduser().resolve()),
+        objective=config.search["objective"], seed=int(config.search["seed"]),
+        cpus_per_trial=max(1, math.ceil(config.resources["cpus_per_trial"])),
+        head_epochs=int(config.training["head_epochs"]),
+        fine_tune_learning_rate_multiplier=float(config.training["fine_tune_learning_rate_multiplier"]),
+        specificity_target=float(config.training["specificity_target"]),
+        sensitivity_target=float(config.training["sensitivity_target"]),
+    )
+
+    if not ray.is_initialized():
+        runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}
+        if address:
+            ray.init(address=address, runtime_env=runtime_env)
+        else:
+            ray.init(include_dashboard=False, runtime_env=runtime_env)
+    resources = ray.cluster_resources()
+    concurrency = _concurrency(config, resources.get("CPU", 1), resources.get("GPU", 0))
+    logger.info("Cluster has %s CPUs and %s GPUs: up to %d trials at once, each with %s CPUs and %s GPUs",
+                resources.get("CPU"), resources.get("GPU", 0), concurrency, config.resources["cpus_per_trial"],
+                config.resources["gpus_per_trial"])
+
+    searcher = ConcurrencyLimiter(OptunaSearch(seed=int(config.search["seed"])), max_concurrent=concurrency)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=int(config.search["max_epochs"]),
+                              grace_period=int(config.search["grace_period"]),
+                              reduction_factor=float(config.search["reduction_factor"]))
+    trainable = tune.with_resources(
+        tune.with_parameters(train_classifier, setup=setup),
+        {"cpu": config.resources["cpus_per_trial"], "gpu": config.resources["gpus_per_trial"]},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=to_param_space(config.space),
+        tune_config=tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
+                                    num_samples=int(config.search["num_samples"])),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(storage_path), verbose=1 if progress else 0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
+                                                    checkpoint_score_order="max"),
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    tuner.fit()
+    trials = export_run(run_dir)
+    return SearchOutcome(run_dir=run_dir, trials=trials, metric=metric)

@@ -1,0 +1,182 @@
+"""The Ray Tune function trainable: train one classifier and report validation metrics each epoch.
+
+A trial receives its searched hyperparameters as the Tune ``config`` and everything fixed for the
+experiment as a :class:`TrialSetup`; it knows nothing of the driver. Each epoch it predicts the
+validation split, chooses the F2-maximising threshold there, and reports the metrics with a checkpoint
+(the ``.keras`` model, the threshold and the validation scores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["HYPERPARAMETERS", "TrialDivergedError", "TrialSetup", "train_classifier"]
+
+logger = logging.getLogger(__name__)
+
+HYPERPARAMETERS = ("backbone", "balancing", "unfrozen_layers", "augmentation_intensity", "learning_rate",
+                   "batch_size", "dropout", "image_size")
+"""Keys of a trial's config; every one is required."""
+
+MODEL_FILE = "model.keras"
+STATE_FILE = "state.json"
+SCORES_FILE = "validation_scores.npy"
+
+
+class TrialDivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """Settings shared by every trial of one experiment (not searched)."""
+
+    manifest_path: str
+    cache_paths: dict[int, str]  # image size in pixels -> image cache folder
+    max_epochs: int
+    weights: str = "none"  # "imagenet", "none" or a folder of weight files
+    objective: str = "pauc80"
+    seed: int = 0
+    cpus_per_trial: int = 1
+    head_epochs: int = 1  # epochs that train only the head before pretrained layers unfreeze
+    fine_tune_learning_rate_multiplier: float = 0.1
+    specificity_target: float = 0.8
+    sensitivity_target: float = 0.866
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        """Name of the reported metric that the scheduler and searcher maximise."""
+        return f"val_{self.objective}"
+
+
+def _check_config(config: dict) -> None:
+    missing = [key for key in HYPERPARAMETERS if key not in config]
+    if missing:
+        raise ValueError(f"Trial config is missing {', '.join(missing)}; it has {', '.join(sorted(config))}.")
+
+
+def _load_inputs(setup: TrialSetup, config: dict):
+    """Read the manifest and the image cache; return (images, train, validation) with rows and labels."""
+    from data.balancing import balance_rows
+    from data.cache import open_image_cache
+    from data.splits import read_manifest
+
+    manifest = read_manifest(setup.manifest_path)
+    size = int(config["image_size"])
+    if size not in setup.cache_paths and str(size) not in setup.cache_paths:
+        raise ValueError(f"No image cache for image_size {size} px; caches exist for {sorted(setup.cache_paths)}.")
+    cache = open_image_cache(setup.cache_paths.get(size) or setup.cache_paths[str(size)])
+    train = manifest[manifest["split"] == "train"]
+    validation = manifest[manifest["split"] == "validation"]
+    balanced = balance_rows(train["cache_row"].to_numpy(), train["label"].to_numpy(),
+                            method=config["balancing"], seed=setup.seed)
+    return cache.images, balanced, validation["cache_row"].to_numpy(), validation["label"].to_numpy()
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _epoch_report(metrics, *, epoch: int, loss: float, seconds: float, setup: TrialSetup,
+                  trainable_layers: int) -> dict[str, object]:
+    """Build the dict given to ``tune.report``; no NaN or infinity reaches the scheduler."""
+    values = metrics.as_dict()
+    report: dict[str, object] = {f"val_{key}": _finite_or_none(value) for key, value in values.items()}
+    objective = values[setup.objective]
+    # An undefined objective (one class in validation) is reported as the worst value, 0, and flagged.
+    report[setup.metric] = float(objective) if math.isfinite(objective) else 0.0
+    report["objective_defined"] = bool(math.isfinite(objective))
+    report.update(epoch=epoch, train_loss=loss, epoch_seconds=seconds, trainable_weight_layers=trainable_layers)
+    return report
+
+
+def _save_checkpoint(directory: Path, model, state: dict, scores: np.ndarray) -> None:
+    model.save(directory / MODEL_FILE)
+    np.save(directory / SCORES_FILE, scores.astype(np.float32))
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
+def train_classifier(config: dict, setup: TrialSetup) -> None:
+    """Train one configuration for up to ``setup.max_epochs`` epochs, reporting after each.
+
+    Use with ``tune.with_parameters(train_classifier, setup=...)``. Resumes from ``tune.get_checkpoint()``
+    when Tune restores the trial.
+    """
+    import keras
+    from ray import tune
+
+    from data.augment import build_augmentation
+    from data.pipeline import make_dataset
+    from trainables.metrics import evaluate_scores
+    from trainables.model import (Classifier, build_classifier, compile_classifier, configure_tensorflow,
+                                  set_unfrozen_layers)
+
+    _check_config(config)
+    configure_tensorflow(cpus=setup.cpus_per_trial)
+    images, balanced, validation_rows, validation_labels = _load_inputs(setup, config)
+    size, batch_size = int(config["image_size"]), int(config["batch_size"])
+    learning_rate, unfrozen = float(config["learning_rate"]), int(config["unfrozen_layers"])
+
+    augmentation = build_augmentation(float(config["augmentation_intensity"]), image_size=size)
+    train_data = make_dataset(images, balanced.rows, balanced.labels, batch_size=batch_size,
+                              augmentation=augmentation, shuffle=True, seed=setup.seed,
+                              sample_weights=balanced.sample_weights)
+    validation_data = make_dataset(images, validation_rows, validation_labels.astype(np.float32),
+                                   batch_size=batch_size)
+
+    classifier = build_classifier(backbone=config["backbone"], image_size=size, weights=setup.weights,
+                                  dropout=float(config["dropout"]), seed=setup.seed)
+    start_epoch, phase = 0, None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))
+            model = keras.models.load_model(Path(directory) / MODEL_FILE)
+        classifier = Classifier(model=model, backbone=model.get_layer("backbone"), spec=classifier.spec,
+                                pretrained=classifier.pretrained)
+        start_epoch, phase = int(state["epoch"]), state["phase"]
+        logger.info("Resuming trial from its checkpoint after epoch %d", start_epoch)
+
+    trainable_layers = 0
+    for epoch in range(start_epoch, setup.max_epochs):
+        head_only = classifier.pretrained and unfrozen != 0 and epoch < setup.head_epochs
+        wanted_phase = "head" if head_only else "fine_tune"
+        if wanted_phase != phase:
+            trainable_layers = set_unfrozen_layers(classifier, 0 if head_only else unfrozen)
+            rate = learning_rate
+            if classifier.pretrained and not head_only and unfrozen != 0 and setup.head_epochs > 0:
+                rate = learning_rate * setup.fine_tune_learning_rate_multiplier
+            compile_classifier(classifier, learning_rate=rate)
+            phase = wanted_phase
+            logger.info("Epoch %d: %s phase, %d backbone weight layers trainable, learning rate %.3g",
+                        epoch + 1, phase, trainable_layers, rate)
+
+        started = time.perf_counter()
+        history = classifier.model.fit(train_data, epochs=epoch + 1, initial_epoch=epoch, verbose=0)
+        loss = float(history.history["loss"][-1])
+        if not math.isfinite(loss):
+            raise TrialDivergedError(
+                f"Training loss became {loss} in epoch {epoch + 1} (learning rate {learning_rate:.3g}); "
+                "the trial diverged. Lower the learning-rate range.")
+        scores = classifier.model.predict(validation_data, verbose=0).ravel()
+        if not np.all(np.isfinite(scores)):
+            raise TrialDivergedError(f"Validation scores contain NaN after epoch {epoch + 1}; the trial diverged.")
+        metrics = evaluate_scores(validation_labels, scores, specificity_target=setup.specificity_target,
+                                  sensitivity_target=setup.sensitivity_target)
+        report = _epoch_report(metrics, epoch=epoch + 1, loss=loss, seconds=time.perf_counter() - started,
+                               setup=setup, trainable_layers=trainable_layers)
+
+        with tempfile.TemporaryDirectory(prefix="lesiontune-checkpoint-") as directory:
+            state = {"epoch": epoch + 1, "phase": phase, "threshold": metrics.threshold,
+                     "metrics": report, "config": config, "setup": asdict(setup)}
+            _save_checkpoint(Path(directory), classifier.model, state, scores)
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
