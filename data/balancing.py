@@ -1,6 +1,6 @@
 """Class balancing of the training split: class weights or random resampling of row indices.
 
-Balancing only ever sees the training split. Resampling works on indices (imbalanced-learn samplers
+Only the training split is ever balanced. Resampling works on indices (imbalanced-learn samplers
 fed a column of row numbers), so no image is copied: oversampling repeats row numbers.
 """
 

@@ -1,40 +1,42 @@
 """Label policy: which diagnoses count as positive, negative or excluded.
 
-Each metadata source names diagnoses in its own vocabulary. The tables here map every known value to
-one of three outcomes, so that a row is never called benign by accident: a value missing from a table
-is excluded with the reason ``unknown diagnosis`` and counted in the data report.
+Labelling takes two steps. A table per metadata source maps each diagnosis value to a :class:`Category`
+(melanoma, other malignant, malignant of unrecorded type, benign, indeterminate). :data:`POLICY` then maps
+each category to an outcome under each positive class. A value missing from its table is excluded with an
+``unknown ...`` reason and counted in the data report, so that no row is called benign by accident.
+
+Sources and their tables:
+
+- current ISIC metadata (``diagnosis_1`` to ``diagnosis_5``): :data:`CURRENT_ISIC_DIAGNOSES`, built from the
+  diagnosis hierarchy of the ``isic_metadata`` package (``DiagnosisEnum``);
+- legacy ISIC metadata and ISIC 2020 (``benign_malignant``, ``diagnosis``): :data:`LEGACY_ISIC_STATUS` and
+  :data:`LEGACY_ISIC_DIAGNOSES`;
+- HAM10000 (``dx``): :data:`HAM10000_DX`;
+- ISIC 2019 (one-hot columns): :data:`ISIC2019_CLASSES`.
+
+:func:`label_table` lists a table with the outcome of every value under both positive classes.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
-__all__ = ["POSITIVE_CLASSES", "LabelDecision", "Outcome", "label_current_isic", "label_ham10000", "label_isic2019",
-           "label_legacy_isic", "validate_positive_class"]
+import pandas as pd
+from isic_metadata.diagnosis_hierarchical import DiagnosisEnum
+
+__all__ = [
+    "CURRENT_ISIC_DIAGNOSES", "HAM10000_DX", "ISIC2019_CLASSES", "ISIC2019_COLUMNS", "LABEL_SOURCES",
+    "LEGACY_ISIC_DIAGNOSES", "LEGACY_ISIC_STATUS", "POLICY", "POSITIVE_CLASSES", "Category", "LabelDecision",
+    "Outcome", "label_current_isic", "label_ham10000", "label_isic2019", "label_legacy_isic", "label_table",
+    "validate_positive_class",
+]
 
 POSITIVE_CLASSES = ("melanoma", "malignant")
 """Allowed values of the positive-class setting: melanoma only (the default), or any malignant lesion."""
-
-# The ISIC hierarchy puts every melanoma (in situ, invasive, metastatic, NOS) under this diagnosis_2 value.
-ISIC_MELANOMA_DIAGNOSIS_2 = "malignant melanocytic proliferations (melanoma)"
-
-# Legacy ISIC `diagnosis` values (lower case) that are malignant. Anything else with
-# benign_malignant == "benign" is negative under both policies.
-_LEGACY_MALIGNANT = {
-    "melanoma", "melanoma metastasis", "basal cell carcinoma", "squamous cell carcinoma",
-    "merkel cell carcinoma", "atypical fibroxanthoma", "bowen's disease",
-}
-
-# HAM10000 `dx` codes. akiec (actinic keratosis and intraepithelial carcinoma, i.e. Bowen's disease) is
-# counted as malignant, as in the ISIC 2018 and 2019 challenges.
-_HAM10000_MALIGNANT = {"mel", "bcc", "akiec"}
-_HAM10000_KNOWN = {"mel", "nv", "bkl", "bcc", "akiec", "vasc", "df"}
-
-# ISIC 2019 one-hot columns. UNK (none of the others) has no usable label.
-ISIC2019_COLUMNS = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
-_ISIC2019_MALIGNANT = {"MEL", "BCC", "AK", "SCC"}
 
 
 class Outcome(enum.IntEnum):
@@ -51,8 +53,159 @@ class LabelDecision:
     reason: str = ""
 
 
+class Category(enum.Enum):
+    """What a diagnosis says about malignancy, before a positive class turns it into a label."""
+
+    MELANOMA = "melanoma"
+    OTHER_MALIGNANT = "other malignant"
+    UNSPECIFIED_MALIGNANT = "unspecified malignant"
+    BENIGN = "benign"
+    INDETERMINATE = "indeterminate"
+
+
+_POSITIVE = LabelDecision(Outcome.POSITIVE)
+_NEGATIVE = LabelDecision(Outcome.NEGATIVE)
 _MISSING = LabelDecision(Outcome.EXCLUDED, "missing diagnosis")
 _INDETERMINATE = LabelDecision(Outcome.EXCLUDED, "indeterminate diagnosis")
+_UNSPECIFIED_MALIGNANT = LabelDecision(Outcome.EXCLUDED, "unspecified malignant diagnosis")
+
+POLICY: Mapping[Category, Mapping[str, LabelDecision]] = MappingProxyType({
+    Category.MELANOMA: {"melanoma": _POSITIVE, "malignant": _POSITIVE},
+    Category.OTHER_MALIGNANT: {"melanoma": _NEGATIVE, "malignant": _POSITIVE},
+    # A malignant lesion whose type is not recorded may be a melanoma, so calling it negative would be a guess.
+    Category.UNSPECIFIED_MALIGNANT: {"melanoma": _UNSPECIFIED_MALIGNANT, "malignant": _POSITIVE},
+    Category.BENIGN: {"melanoma": _NEGATIVE, "malignant": _NEGATIVE},
+    Category.INDETERMINATE: {"melanoma": _INDETERMINATE, "malignant": _INDETERMINATE},
+})
+"""Outcome of each category under each positive class."""
+
+
+def _decide(category: Category, positive_class: str) -> LabelDecision:
+    return POLICY[category][positive_class]
+
+
+# Legacy ISIC `benign_malignant` values. A malignant status alone does not say whether the lesion is a melanoma.
+LEGACY_ISIC_STATUS: Mapping[str, Category] = MappingProxyType({
+    "benign": Category.BENIGN,
+    "malignant": Category.UNSPECIFIED_MALIGNANT,
+    "indeterminate": Category.INDETERMINATE,
+    "indeterminate/benign": Category.INDETERMINATE,
+    "indeterminate/malignant": Category.INDETERMINATE,
+})
+
+# Legacy ISIC `diagnosis` values, lower case: every value of `isic_metadata.fields.LegacyDxEnum` (isic-metadata
+# 4.12), plus "unknown" (ISIC 2020) and two values of older exports. None marks a value that names no diagnosis.
+LEGACY_ISIC_DIAGNOSES: Mapping[str, Category | None] = MappingProxyType({
+    "melanoma": Category.MELANOMA,
+    "melanoma metastasis": Category.MELANOMA,
+    "basal cell carcinoma": Category.OTHER_MALIGNANT,
+    "squamous cell carcinoma": Category.OTHER_MALIGNANT,
+    "merkel cell carcinoma": Category.OTHER_MALIGNANT,
+    # Actinic keratosis counts as malignant here, as akiec in HAM10000 and AK in ISIC 2019 do (a convention:
+    # the current ISIC hierarchy files it under Indeterminate).
+    "actinic keratosis": Category.OTHER_MALIGNANT,
+    "bowen's disease": Category.OTHER_MALIGNANT,
+    "atypical fibroxanthoma": Category.OTHER_MALIGNANT,
+    "aimp": Category.INDETERMINATE,
+    "atypical melanocytic proliferation": Category.INDETERMINATE,
+    "atypical spitz tumor": Category.INDETERMINATE,
+    # Adnexal tumours can be benign or malignant.
+    "adnexal tumor": Category.INDETERMINATE,
+    "acrochordon": Category.BENIGN,
+    "angiofibroma or fibrous papule": Category.BENIGN,
+    "angiokeratoma": Category.BENIGN,
+    "angioma": Category.BENIGN,
+    "cafe-au-lait macule": Category.BENIGN,
+    "clear cell acanthoma": Category.BENIGN,
+    "dermatofibroma": Category.BENIGN,
+    "ephelis": Category.BENIGN,
+    "epidermal nevus": Category.BENIGN,
+    "lentigo nos": Category.BENIGN,
+    "lentigo simplex": Category.BENIGN,
+    "lichenoid keratosis": Category.BENIGN,
+    "mucosal melanosis": Category.BENIGN,
+    "neurofibroma": Category.BENIGN,
+    "nevus": Category.BENIGN,
+    "nevus spilus": Category.BENIGN,
+    "pigmented benign keratosis": Category.BENIGN,
+    "pyogenic granuloma": Category.BENIGN,
+    "scar": Category.BENIGN,
+    "sebaceous adenoma": Category.BENIGN,
+    "sebaceous hyperplasia": Category.BENIGN,
+    "seborrheic keratosis": Category.BENIGN,
+    "solar lentigo": Category.BENIGN,
+    "vascular lesion": Category.BENIGN,
+    "verruca": Category.BENIGN,
+    "other": None,
+    "unknown": None,
+})
+
+# HAM10000 `dx` codes. akiec (actinic keratoses and intraepithelial carcinoma, i.e. Bowen's disease) is counted
+# as malignant, by convention: the class mixes premalignant keratoses with carcinoma in situ. ISIC 2019's AK too.
+HAM10000_DX: Mapping[str, Category] = MappingProxyType({
+    "mel": Category.MELANOMA,
+    "bcc": Category.OTHER_MALIGNANT,
+    "akiec": Category.OTHER_MALIGNANT,
+    "nv": Category.BENIGN,
+    "bkl": Category.BENIGN,
+    "df": Category.BENIGN,
+    "vasc": Category.BENIGN,
+})
+
+# ISIC 2019 one-hot columns. UNK (none of the others) has no usable label.
+ISIC2019_COLUMNS = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
+ISIC2019_CLASSES: Mapping[str, Category | None] = MappingProxyType({
+    "MEL": Category.MELANOMA,
+    "BCC": Category.OTHER_MALIGNANT,
+    "AK": Category.OTHER_MALIGNANT,
+    "SCC": Category.OTHER_MALIGNANT,
+    "NV": Category.BENIGN,
+    "BKL": Category.BENIGN,
+    "DF": Category.BENIGN,
+    "VASC": Category.BENIGN,
+    "UNK": None,
+})
+
+
+def _levels_of(member: DiagnosisEnum) -> tuple[str, ...]:
+    return tuple(level.lower() for level in member.value.split(":"))
+
+
+_MELANOMA_LEVELS = _levels_of(DiagnosisEnum.malignant_malignant_melanocytic_proliferations_melanoma)
+# A collision lesion contains at least one malignant proliferation, which may or may not be the melanoma.
+_MALIGNANT_COLLISION_LEVELS = _levels_of(DiagnosisEnum.malignant_collision_at_least_one_malignant_proliferation)
+_TOP_LEVELS: Mapping[str, Category] = MappingProxyType({
+    DiagnosisEnum.benign.value.lower(): Category.BENIGN,
+    DiagnosisEnum.indeterminate.value.lower(): Category.INDETERMINATE,
+    DiagnosisEnum.malignant.value.lower(): Category.UNSPECIFIED_MALIGNANT,
+})
+
+
+def _categorise_isic_levels(levels: tuple[str, ...]) -> Category:
+    """Categorise a known ISIC hierarchy path by its first two levels; deeper levels only refine the subtype."""
+    top = _TOP_LEVELS[levels[0]]
+    if top is not Category.UNSPECIFIED_MALIGNANT or len(levels) == 1:
+        return top
+    if levels[:2] == _MELANOMA_LEVELS:
+        return Category.MELANOMA
+    if levels[:2] == _MALIGNANT_COLLISION_LEVELS:
+        return Category.UNSPECIFIED_MALIGNANT
+    return Category.OTHER_MALIGNANT
+
+
+# Every path of the ISIC diagnosis hierarchy ("Benign", ..., "Malignant:Malignant melanocytic proliferations
+# (Melanoma):Melanoma in situ"), lower case, with its category.
+CURRENT_ISIC_DIAGNOSES: Mapping[str, Category] = MappingProxyType({
+    member.value.lower(): _categorise_isic_levels(_levels_of(member)) for member in DiagnosisEnum
+})
+# The hierarchy's terminal names are unique (checked by the tests), so a row that skips a level, such as
+# diagnosis_1 and diagnosis_3 without diagnosis_2, still resolves to one path.
+_ISIC_PATH_BY_TERMINAL: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    path.rsplit(":", 1)[-1]: tuple(path.split(":")) for path in CURRENT_ISIC_DIAGNOSES
+})
+
+LABEL_SOURCES = ("current-isic", "legacy-isic", "ham10000", "isic2019")
+"""Sources accepted by :func:`label_table`; ISIC 2020 uses the legacy ISIC columns and tables."""
 
 
 def validate_positive_class(positive_class: str) -> str:
@@ -73,67 +226,139 @@ def _text(value: object) -> str:
     return str(value).strip().lower()
 
 
-def _decide(is_positive: bool) -> LabelDecision:
-    return LabelDecision(Outcome.POSITIVE if is_positive else Outcome.NEGATIVE)
+def _resolve_isic_levels(levels: list[str]) -> Category | LabelDecision:
+    """Find the category of a row's diagnosis levels, or the exclusion when they match no hierarchy path."""
+    depth = max(index for index, level in enumerate(levels) if level) + 1
+    given = levels[:depth]
+    known = CURRENT_ISIC_DIAGNOSES.get(":".join(given))
+    if known is not None:
+        return known
+
+    by_terminal = _ISIC_PATH_BY_TERMINAL.get(given[-1])
+    if by_terminal is not None and len(by_terminal) == depth and all(
+            not level or level == expected for level, expected in zip(given, by_terminal)):
+        return CURRENT_ISIC_DIAGNOSES[":".join(by_terminal)]
+
+    # An unknown subtype (a newer hierarchy, a typo) inherits the category of its deepest known ancestor.
+    # Below diagnosis_2 that is exact, because the category depends on diagnosis_1 and diagnosis_2 only.
+    for ancestor_depth in range(depth - 1, 0, -1):
+        ancestor = given[:ancestor_depth]
+        if all(ancestor) and ":".join(ancestor) in CURRENT_ISIC_DIAGNOSES:
+            category = CURRENT_ISIC_DIAGNOSES[":".join(ancestor)]
+            if ancestor_depth == 1 and category is Category.UNSPECIFIED_MALIGNANT and given[1]:
+                return LabelDecision(Outcome.EXCLUDED, f"unknown diagnosis_2 {given[1]!r}")
+            return category
+    if given[0]:
+        return LabelDecision(Outcome.EXCLUDED, f"unknown diagnosis_1 {given[0]!r}")
+    return LabelDecision(Outcome.EXCLUDED, f"unknown diagnosis {given[-1]!r}")
 
 
-def label_current_isic(diagnosis_1: object, diagnosis_2: object, diagnosis_3: object, *,
-                       positive_class: str) -> LabelDecision:
-    """Label a row with the current ISIC columns (``diagnosis_1`` Benign/Malignant/Indeterminate)."""
-    level_1, level_2, level_3 = _text(diagnosis_1), _text(diagnosis_2), _text(diagnosis_3)
-    is_melanoma = level_2 == ISIC_MELANOMA_DIAGNOSIS_2 or level_3.startswith("melanoma")
+def label_current_isic(diagnosis_1: object, diagnosis_2: object, diagnosis_3: object, diagnosis_4: object = None,
+                       diagnosis_5: object = None, *, positive_class: str) -> LabelDecision:
+    """Label a row by the current ISIC diagnosis hierarchy (``diagnosis_1`` Benign/Malignant/Indeterminate).
 
-    if level_1 == "indeterminate":
-        return _INDETERMINATE
-    if level_1 == "benign":
-        return _decide(False)
-    if level_1 == "malignant":
-        return _decide(is_melanoma or positive_class == "malignant")
-    if not level_1 and is_melanoma:
-        return _decide(True)
-    if not level_1:
+    Every melanoma of the hierarchy (in situ, invasive, metastasis, NOS and their subtypes) is positive under
+    both positive classes, and every other ``diagnosis_1 == "Malignant"`` is positive under ``"malignant"``.
+    A malignant row whose type is not recorded (no ``diagnosis_2``, or a malignant collision) is excluded under
+    ``"melanoma"``. Levels are matched case-insensitively, and a row that skips a level is resolved by its
+    deepest level when that name occurs once in the hierarchy.
+    """
+    positive_class = validate_positive_class(positive_class)
+    levels = [_text(level) for level in (diagnosis_1, diagnosis_2, diagnosis_3, diagnosis_4, diagnosis_5)]
+    if not any(levels):
         return _MISSING
-    return LabelDecision(Outcome.EXCLUDED, f"unknown diagnosis_1 {level_1!r}")
+    resolved = _resolve_isic_levels(levels)
+    if isinstance(resolved, LabelDecision):
+        if positive_class == "malignant" and resolved.reason.startswith("unknown diagnosis_2"):
+            return _POSITIVE
+        return resolved
+    return _decide(resolved, positive_class)
 
 
 def label_legacy_isic(benign_malignant: object, diagnosis: object, *, positive_class: str) -> LabelDecision:
-    """Label a row with the legacy ISIC columns ``benign_malignant`` and ``diagnosis``."""
+    """Label a row by the legacy ISIC columns ``benign_malignant`` and ``diagnosis`` (also used for ISIC 2020).
+
+    ``benign_malignant`` decides benign against malignant, and ``diagnosis`` tells melanoma from other malignant
+    lesions. ``diagnosis`` alone decides when ``benign_malignant`` is blank. A melanoma diagnosis is positive
+    whatever ``benign_malignant`` says.
+    """
+    positive_class = validate_positive_class(positive_class)
     status, name = _text(benign_malignant), _text(diagnosis)
-    if name in ("melanoma", "melanoma metastasis"):
-        return _decide(True)
-    if status == "benign":
-        return _decide(False)
-    if status == "malignant":
-        return _decide(positive_class == "malignant")
-    if name in _LEGACY_MALIGNANT:
-        return _decide(positive_class == "malignant")
-    if status.startswith("indeterminate") or name == "unknown":
-        return _INDETERMINATE
-    if not status and not name:
-        return _MISSING
-    return LabelDecision(Outcome.EXCLUDED, f"unknown diagnosis {name or status!r}")
+    if name and name not in LEGACY_ISIC_DIAGNOSES:
+        return LabelDecision(Outcome.EXCLUDED, f"unknown diagnosis {name!r}")
+    named = LEGACY_ISIC_DIAGNOSES.get(name)
+    if named is Category.MELANOMA:
+        return _decide(named, positive_class)
+
+    if not status:
+        return _MISSING if named is None else _decide(named, positive_class)
+    if status not in LEGACY_ISIC_STATUS:
+        return LabelDecision(Outcome.EXCLUDED, f"unknown benign_malignant {status!r}")
+    category = LEGACY_ISIC_STATUS[status]
+    if category is Category.UNSPECIFIED_MALIGNANT and named in (Category.OTHER_MALIGNANT, Category.BENIGN):
+        category = Category.OTHER_MALIGNANT
+    return _decide(category, positive_class)
 
 
 def label_ham10000(dx: object, *, positive_class: str) -> LabelDecision:
     """Label a HAM10000 row by its ``dx`` code (mel, nv, bkl, bcc, akiec, vasc, df)."""
+    positive_class = validate_positive_class(positive_class)
     code = _text(dx)
     if not code:
         return _MISSING
-    if code not in _HAM10000_KNOWN:
+    if code not in HAM10000_DX:
         return LabelDecision(Outcome.EXCLUDED, f"unknown dx {code!r}")
-    if positive_class == "melanoma":
-        return _decide(code == "mel")
-    return _decide(code in _HAM10000_MALIGNANT)
+    return _decide(HAM10000_DX[code], positive_class)
 
 
-def label_isic2019(row: dict[str, object], *, positive_class: str) -> LabelDecision:
+def label_isic2019(row: Mapping[str, object], *, positive_class: str) -> LabelDecision:
     """Label an ISIC 2019 ground-truth row from its one-hot columns (MEL, NV, ..., UNK)."""
+    positive_class = validate_positive_class(positive_class)
     hot = [column for column in ISIC2019_COLUMNS if _text(row.get(column)) in ("1", "1.0")]
     if len(hot) != 1:
         return LabelDecision(Outcome.EXCLUDED, "not exactly one diagnosis column set")
-    column = hot[0]
-    if column == "UNK":
+    category = ISIC2019_CLASSES[hot[0]]
+    if category is None:
         return LabelDecision(Outcome.EXCLUDED, "unknown diagnosis")
-    if positive_class == "melanoma":
-        return _decide(column == "MEL")
-    return _decide(column in _ISIC2019_MALIGNANT)
+    return _decide(category, positive_class)
+
+
+def _describe(decision: LabelDecision) -> str:
+    if decision.outcome is Outcome.EXCLUDED:
+        return f"excluded: {decision.reason}"
+    return decision.outcome.name.lower()
+
+
+def label_table(source: str) -> pd.DataFrame:
+    """List every value that ``source`` knows, with its category and its outcome under each positive class.
+
+    Args:
+        source: one of :data:`LABEL_SOURCES`.
+
+    Returns:
+        One row per value: ``value``, ``category`` (empty when the value names no diagnosis), ``melanoma`` and
+        ``malignant`` (``positive``, ``negative`` or ``excluded: <reason>``). For ``legacy-isic`` the rows are
+        the ``diagnosis`` values with a blank ``benign_malignant``, then the ``benign_malignant`` values with a
+        blank ``diagnosis``.
+    """
+    labellers = {
+        "current-isic": lambda value, policy: label_current_isic(*value.split(":"), positive_class=policy),
+        "legacy-isic": lambda value, policy: label_legacy_isic(*value, positive_class=policy),
+        "ham10000": lambda value, policy: label_ham10000(value, positive_class=policy),
+        "isic2019": lambda value, policy: label_isic2019({value: 1}, positive_class=policy),
+    }
+    if source not in labellers:
+        raise ValueError(f"Invalid label source {source!r}: expected one of {', '.join(LABEL_SOURCES)}.")
+
+    if source == "legacy-isic":
+        entries = [((None, name), name, category) for name, category in LEGACY_ISIC_DIAGNOSES.items()]
+        entries += [((status, None), status, category) for status, category in LEGACY_ISIC_STATUS.items()]
+    else:
+        table = {"current-isic": CURRENT_ISIC_DIAGNOSES, "ham10000": HAM10000_DX, "isic2019": ISIC2019_CLASSES}
+        entries = [(value, value, category) for value, category in table[source].items()]
+    rows = [
+        {"value": shown, "category": category.value if category else "",
+         **{policy: _describe(labellers[source](value, policy)) for policy in POSITIVE_CLASSES}}
+        for value, shown, category in entries
+    ]
+    return pd.DataFrame(rows, columns=["value", "category", *POSITIVE_CLASSES])

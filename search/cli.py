@@ -56,7 +56,10 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--cpus-per-trial", type=float, metavar="N")
     cluster.add_argument("--gpus-per-trial", type=float, metavar="N", help="fractions pack several trials on a GPU")
     cluster.add_argument("--max-concurrent-trials", type=int, metavar="N")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved experiment and stop")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue a stopped or crashed search from its run folder (other options are ignored)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved experiment, the resources per trial and the concurrency, then stop")
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
 
 
@@ -83,17 +86,22 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _run_search_command(args: argparse.Namespace) -> int:
     from spaces.config import load_config
 
+    if args.resume:
+        from search.driver import resume_search
+
+        outcome = resume_search(args.resume, address=args.address, progress=not args.quiet)
+        _print_leaderboard(outcome.trials, outcome.metric)
+        return 0
+
     config = load_config(args.config, overrides=_overrides(args))
+    if args.dry_run:
+        _print_dry_run(config)
+        return 0
     if not config.data["path"]:
         from data.fetch import ensure_default_sample
 
         logger.info("No --data given: using the CC-0 ISIC sample in the user cache")
         config.data["path"] = str(ensure_default_sample())
-    if args.dry_run:
-        import yaml
-
-        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-        return 0
 
     from search.driver import run_search
 
@@ -101,6 +109,18 @@ def _run_search_command(args: argparse.Namespace) -> int:
     _print_leaderboard(outcome.trials, outcome.metric)
     print(f"\nResults: {outcome.run_dir / 'trials.parquet'} and {outcome.run_dir / 'epochs.parquet'}")
     return 0
+
+
+def _print_dry_run(config) -> None:
+    import yaml
+
+    from search.driver import _concurrency
+
+    cpus = float(os.cpu_count() or 1)
+    concurrency = _concurrency(config, cpus, 0.0)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    print(f"# Each trial: {config.resources['cpus_per_trial']} CPUs, {config.resources['gpus_per_trial']} GPUs. "
+          f"On this machine ({cpus:g} CPUs, GPUs not counted): up to {concurrency} trials at once.")
 
 
 def _print_leaderboard(trials, metric: str, top: int = 10) -> None:

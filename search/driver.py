@@ -9,6 +9,7 @@ search ``trials.parquet`` and ``epochs.parquet``.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import os
@@ -30,7 +31,8 @@ from spaces.tune_space import to_param_space
 from trainables.backbones import WeightsUnavailableError, get_backbone
 from trainables.trial import TrialSetup
 
-__all__ = ["PreparedData", "SearchOutcome", "default_cache_dir", "prepare_data", "run_search"]
+__all__ = ["PreparedData", "SearchOutcome", "check_imagenet_weights", "default_cache_dir", "prepare_data", "resume_search",
+           "run_search"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,34 +148,9 @@ def _run_name(config: ExperimentConfig) -> str:
     return config.search["name"] or "lesiontune-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def run_search(config: ExperimentConfig, *, address: str | None = None, progress: bool = True) -> SearchOutcome:
-    """Prepare the data, run the search and export ``trials.parquet`` and ``epochs.parquet``."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    from results.export import export_run
-    from trainables.trial import train_classifier
-
-    name = _run_name(config)
-    storage_path = Path(config.search["storage_path"] or Path.cwd() / "lesiontune_runs").expanduser().resolve()
-    run_dir = storage_path / name
-    if (run_dir / "trials.parquet").exists():
-        raise ValueError(f"Run folder {run_dir} already holds a finished search. Choose another --name.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    logger.info("Experiment %s in %s:\n%s", name, run_dir, yaml.safe_dump(config.to_dict(), sort_keys=False))
-
+def _trial_setup(config: ExperimentConfig, prepared: PreparedData) -> TrialSetup:
     weights = config.training["weights"]
-    if weights == "imagenet":
-        check_imagenet_weights(list(config.space["backbone"].candidates()),
-                               [int(s) for s in config.space["image_size"].candidates()])
-    prepared = prepare_data(config, run_dir, progress=progress)
-
-    metric = f"val_{config.search['objective']}"
-    setup = TrialSetup(
+    return TrialSetup(
         manifest_path=str(prepared.manifest_path), cache_paths=prepared.cache_paths,
         max_epochs=int(config.search["max_epochs"]),
         weights=weights if weights in ("imagenet", "none") else str(Path(weights).expanduser().resolve()),
@@ -185,28 +162,46 @@ def run_search(config: ExperimentConfig, *, address: str | None = None, progress
         sensitivity_target=float(config.training["sensitivity_target"]),
     )
 
+
+def _start_ray(address: str | None) -> dict[str, float]:
+    """Connect to ``address`` or start a local Ray; return the cluster's resources."""
+    import ray
+
     if not ray.is_initialized():
         runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}
         if address:
             ray.init(address=address, runtime_env=runtime_env)
         else:
-            ray.init(include_dashboard=False, runtime_env=runtime_env)
-    resources = ray.cluster_resources()
-    concurrency = _concurrency(config, resources.get("CPU", 1), resources.get("GPU", 0))
-    logger.info("Cluster has %s CPUs and %s GPUs: up to %d trials at once, each with %s CPUs and %s GPUs",
-                resources.get("CPU"), resources.get("GPU", 0), concurrency, config.resources["cpus_per_trial"],
-                config.resources["gpus_per_trial"])
+            # "local" starts a new Ray here even when another cluster on this machine could be joined.
+            ray.init(address="local", include_dashboard=False, runtime_env=runtime_env)
+    return ray.cluster_resources()
 
+
+def _trainable(config: ExperimentConfig, setup: TrialSetup):
+    from ray import tune
+
+    from trainables.trial import train_classifier
+
+    return tune.with_resources(
+        tune.with_parameters(train_classifier, setup=setup),
+        {"cpu": config.resources["cpus_per_trial"], "gpu": config.resources["gpus_per_trial"]},
+    )
+
+
+def _new_tuner(config: ExperimentConfig, setup: TrialSetup, *, name: str, storage_path: Path, concurrency: int,
+               progress: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    metric = setup.metric
     searcher = ConcurrencyLimiter(OptunaSearch(seed=int(config.search["seed"])), max_concurrent=concurrency)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=int(config.search["max_epochs"]),
                               grace_period=int(config.search["grace_period"]),
                               reduction_factor=float(config.search["reduction_factor"]))
-    trainable = tune.with_resources(
-        tune.with_parameters(train_classifier, setup=setup),
-        {"cpu": config.resources["cpus_per_trial"], "gpu": config.resources["gpus_per_trial"]},
-    )
-    tuner = tune.Tuner(
-        trainable,
+    return tune.Tuner(
+        _trainable(config, setup),
         param_space=to_param_space(config.space),
         tune_config=tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
                                     num_samples=int(config.search["num_samples"])),
@@ -214,9 +209,74 @@ def run_search(config: ExperimentConfig, *, address: str | None = None, progress
             name=name, storage_path=str(storage_path), verbose=1 if progress else 0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order="max"),
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=int(config.search["max_failures"])),
         ),
     )
+
+
+def _log_resources(config: ExperimentConfig, resources: dict[str, float], concurrency: int) -> None:
+    logger.info("Cluster has %s CPUs and %s GPUs: up to %d trials at once, each with %s CPUs and %s GPUs",
+                resources.get("CPU"), resources.get("GPU", 0), concurrency, config.resources["cpus_per_trial"],
+                config.resources["gpus_per_trial"])
+
+
+def run_search(config: ExperimentConfig, *, address: str | None = None, progress: bool = True) -> SearchOutcome:
+    """Prepare the data, run the search and export ``trials.parquet`` and ``epochs.parquet``."""
+    from results.export import export_run
+
+    name = _run_name(config)
+    storage_path = Path(config.search["storage_path"] or Path.cwd() / "lesiontune_runs").expanduser().resolve()
+    run_dir = storage_path / name
+    if any(run_dir.glob("experiment_state-*.json")):
+        raise ValueError(f"Run folder {run_dir} already holds a search. Continue it with --resume {run_dir}, "
+                         "or choose another --name.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.search["name"], config.search["storage_path"] = name, str(storage_path)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    logger.info("Experiment %s in %s:\n%s", name, run_dir, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    if config.training["weights"] == "imagenet":
+        check_imagenet_weights(list(config.space["backbone"].candidates()),
+                               [int(s) for s in config.space["image_size"].candidates()])
+    prepared = prepare_data(config, run_dir, progress=progress)
+    setup = _trial_setup(config, prepared)
+
+    resources = _start_ray(address)
+    concurrency = _concurrency(config, resources.get("CPU", 1), resources.get("GPU", 0))
+    _log_resources(config, resources, concurrency)
+    tuner = _new_tuner(config, setup, name=name, storage_path=storage_path, concurrency=concurrency,
+                       progress=progress)
     tuner.fit()
-    trials = export_run(run_dir)
-    return SearchOutcome(run_dir=run_dir, trials=trials, metric=metric)
+    return SearchOutcome(run_dir=run_dir, trials=export_run(run_dir), metric=setup.metric)
+
+
+def resume_search(run_dir: str | os.PathLike, *, address: str | None = None, progress: bool = True) -> SearchOutcome:
+    """Continue a stopped or crashed search from its run folder.
+
+    Finished trials are kept, unfinished and errored ones continue from their last checkpoint, and the
+    searcher (OptunaSearch) and scheduler (ASHA) get their saved state back, so the total trial count holds.
+    """
+    from ray import tune
+
+    from results.export import export_run
+    from spaces.config import load_config
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"Cannot resume {run_dir}: {CONFIG_FILE} not found. Pass the run folder "
+                                "(STORAGE_PATH/NAME) that the first search printed.")
+    if not tune.Tuner.can_restore(str(run_dir)):
+        raise ValueError(f"Cannot resume {run_dir}: Ray Tune saved no experiment state there (the search stopped "
+                         "before its first trial started). Start it again with 'lesiontune search'.")
+    config = load_config(run_dir / CONFIG_FILE)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    prepared = PreparedData(manifest_path=run_dir / MANIFEST_FILE,
+                            cache_paths={int(k): v for k, v in summary["cache_paths"].items()}, summary=summary)
+    setup = _trial_setup(config, prepared)
+
+    _start_ray(address)
+    logger.info("Resuming %s", run_dir)
+    tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(config, setup), resume_unfinished=True,
+                               resume_errored=True)
+    tuner.fit()
+    return SearchOutcome(run_dir=run_dir, trials=export_run(run_dir), metric=setup.metric)

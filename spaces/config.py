@@ -6,7 +6,7 @@ A file sets any of five sections; every key is optional and defaults to the valu
     data:       {path: null, layout: auto, positive_class: melanoma, validation_fraction: 0.15, test_fraction: 0.15,
                  cache_dir: null}
     search:     {name: null, objective: pauc80, num_samples: 20, max_epochs: 8, grace_period: 1,
-                 reduction_factor: 2, seed: 0, max_concurrent_trials: null, storage_path: null}
+                 reduction_factor: 2, seed: 0, max_concurrent_trials: null, storage_path: null, max_failures: 2}
     training:   {weights: none, head_epochs: 1, fine_tune_learning_rate_multiplier: 0.1,
                  specificity_target: 0.8, sensitivity_target: 0.866}
     resources:  {cpus_per_trial: 1, gpus_per_trial: 0}
@@ -50,7 +50,8 @@ def default_config_dict() -> dict[str, Any]:
         "data": {"path": None, "layout": "auto", "positive_class": "melanoma",
                  "validation_fraction": 0.15, "test_fraction": 0.15, "cache_dir": None},
         "search": {"name": None, "objective": "pauc80", "num_samples": 20, "max_epochs": 8, "grace_period": 1,
-                   "reduction_factor": 2, "seed": 0, "max_concurrent_trials": None, "storage_path": None},
+                   "reduction_factor": 2, "seed": 0, "max_concurrent_trials": None, "storage_path": None,
+                   "max_failures": 2},
         "training": {"weights": "none", "head_epochs": 1, "fine_tune_learning_rate_multiplier": 0.1,
                      "specificity_target": 0.8, "sensitivity_target": 0.866},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
@@ -237,6 +238,16 @@ def _validate_sections(merged: dict[str, Any], source: str) -> None:
     check("search.reduction_factor", search["reduction_factor"],
           _is_number(search["reduction_factor"]) and search["reduction_factor"] > 1, "a number > 1")
     check("search.seed", search["seed"], _is_int(search["seed"]), "an integer")
+    check("search.max_failures", search["max_failures"], _is_int(search["max_failures"]) and search["max_failures"] >= 0,
+          "an integer >= 0 (retries of a trial whose worker died)")
+    for name in ("name", "storage_path"):
+        check(f"search.{name}", search[name], search[name] is None or (isinstance(search[name], str) and search[name]),
+              "null or a non-empty string")
+    if search["name"] and ("/" in search["name"] or search["name"].startswith(".")):
+        raise _fail(source, "search.name", search["name"], "a folder name without '/' that does not start with '.'")
+    for name in ("path", "cache_dir"):
+        check(f"data.{name}", data[name], data[name] is None or (isinstance(data[name], str) and data[name]),
+              "null or a path")
     limit = search["max_concurrent_trials"]
     check("search.max_concurrent_trials", limit, limit is None or (_is_int(limit) and limit >= 1),
           "null (derived from the resources) or an integer >= 1")

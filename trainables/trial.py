@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HYPERPARAMETERS", "TrialDivergedError", "TrialSetup", "train_classifier"]
+__all__ = ["HYPERPARAMETERS", "TrialDivergedError", "TrialNotRetriedError", "TrialSetup", "train_classifier"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,15 @@ STATE_FILE = "state.json"
 SCORES_FILE = "validation_scores.npy"
 
 
+FATAL_ERROR_FILE = "lesiontune_fatal_error.txt"
+
+
 class TrialDivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class TrialNotRetriedError(RuntimeError):
+    """A retry of a trial that already failed for a reason a retry cannot fix (a bad value, divergence)."""
 
 
 @dataclass(frozen=True)
@@ -109,8 +116,25 @@ def train_classifier(config: dict, setup: TrialSetup) -> None:
     """Train one configuration for up to ``setup.max_epochs`` epochs, reporting after each.
 
     Use with ``tune.with_parameters(train_classifier, setup=...)``. Resumes from ``tune.get_checkpoint()``
-    when Tune restores the trial.
+    when Tune restores the trial. Tune retries a failed trial (``FailureConfig.max_failures``) because a
+    worker may have died; a failure that a retry cannot fix leaves a marker in the trial folder, so that the
+    retry fails at once instead of training again.
     """
+    from ray import tune
+
+    from trainables.backbones import WeightsUnavailableError
+
+    marker = Path(tune.get_context().get_trial_dir() or ".") / FATAL_ERROR_FILE
+    if marker.is_file():
+        raise TrialNotRetriedError(f"Not retried: {marker.read_text(encoding='utf-8')}")
+    try:
+        _train(config, setup)
+    except (TrialDivergedError, WeightsUnavailableError, ValueError, FileNotFoundError) as error:
+        marker.write_text(f"{type(error).__name__}: {error}", encoding="utf-8")
+        raise
+
+
+def _train(config: dict, setup: TrialSetup) -> None:
     import keras
     from ray import tune
 
@@ -161,7 +185,7 @@ def train_classifier(config: dict, setup: TrialSetup) -> None:
                         epoch + 1, phase, trainable_layers, rate)
 
         started = time.perf_counter()
-        history = classifier.model.fit(train_data, epochs=epoch + 1, initial_epoch=epoch, verbose=0)
+        history = classifier.model.fit(train_data, epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=0)
         loss = float(history.history["loss"][-1])
         if not math.isfinite(loss):
             raise TrialDivergedError(

@@ -1,0 +1,91 @@
+"""Tests for the YAML experiment format and its validation."""
+
+import pytest
+
+from spaces.config import ConfigError, load_config
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "experiment.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_load_config_defaults_cover_five_factors():
+    config = load_config(overrides={"training": {"weights": "imagenet"}})
+    for name in ("backbone", "balancing", "unfrozen_layers", "augmentation_intensity", "learning_rate"):
+        assert config.space[name].kind in ("choice", "range"), name
+    assert config.space["learning_rate"].log
+
+
+def test_load_config_yaml_narrows_space(tmp_path):
+    path = _write(tmp_path, """
+version: 1
+search: {num_samples: 4, max_epochs: 3}
+space:
+  backbone: [MobileNetV2, ResNet50]
+  balancing: oversample
+  learning_rate: {low: 1.0e-4, high: 1.0e-3, log: true}
+  image_size: [64, 96]
+""")
+    config = load_config(path)
+    assert config.search["num_samples"] == 4
+    assert config.space["backbone"].values == ("MobileNetV2", "ResNet50")
+    assert config.space["balancing"].kind == "fixed"
+    assert config.space["image_size"].values == (64, 96)
+    assert (config.space["learning_rate"].low, config.space["learning_rate"].high) == (1e-4, 1e-3)
+
+
+def test_load_config_overrides_win(tmp_path):
+    path = _write(tmp_path, "search: {num_samples: 4}\n")
+    config = load_config(path, overrides={"search": {"num_samples": 9}})
+    assert config.search["num_samples"] == 9
+
+
+def test_load_config_scratch_fixes_depth():
+    config = load_config(overrides={"training": {"weights": "none"}})
+    assert config.space["unfrozen_layers"].values == (-1,)
+
+
+def test_load_config_default_depth_fits_backbones():
+    config = load_config(overrides={"training": {"weights": "imagenet"}, "space": {"backbone": ["VGG16"]}})
+    assert config.space["unfrozen_layers"].high == 13
+
+
+def test_load_config_round_trip(tmp_path):
+    config = load_config(overrides={"space": {"backbone": ["MobileNetV2"]}})
+    import yaml
+
+    path = _write(tmp_path, yaml.safe_dump(config.to_dict()))
+    assert load_config(path).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("serch: {num_samples: 3}\n", r"unknown key 'serch'. Allowed keys here: version, data, search"),
+    ("search: {num_sample: 3}\n", r"unknown key 'search.num_sample'"),
+    ("space: {learning_rate: {low: 0.1, high: 0.001}}\n", r"space.learning_rate: low 0.1 is greater than high 0.001"),
+    ("space: {dropout: {low: 0, high: 0.5, log: true}}\n", r"space.dropout: a log range needs low > 0, got 0.0"),
+    ("space: {backbone: [ResNet5]}\n", r"invalid value 'ResNet5' for space.backbone\[0\]: expected one of VGG16"),
+    ("space: {backbone: []}\n", r"expected a non-empty list of choices"),
+    ("space: {batch_size: [32, 'big']}\n", r"invalid value 'big' for space.batch_size\[1\]"),
+    ("space: {augmentation_intensity: {low: 0, high: 1.5}}\n", r"space.augmentation_intensity.high: expected a number in"),
+    ("search: {objective: accuracy}\n", r"invalid value 'accuracy' for search.objective"),
+    ("search: {grace_period: 5, max_epochs: 2}\n", r"grace_period 5 exceeds search.max_epochs 2"),
+    ("space: {backbone: [Xception], image_size: [64]}\n", r"image size 64 px .* below Xception's minimum of 71 px"),
+    ("version: 2\n", r"unsupported version 2"),
+    ("- a\n- b\n", r"expected a mapping of sections"),
+])
+def test_load_config_errors_name_key_and_value(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+def test_load_config_depth_beyond_backbones(tmp_path):
+    path = _write(tmp_path, "training: {weights: imagenet}\nspace: {backbone: [VGG16], unfrozen_layers: {low: 0, high: 50}}\n")
+    with pytest.raises(ConfigError, match="reaches 50, but the chosen backbones have at most 13 weight layers"):
+        load_config(path)
+
+
+def test_load_config_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="Cannot read experiment file"):
+        load_config(tmp_path / "absent.yaml")

@@ -1,0 +1,125 @@
+"""The Tune trainable, run outside Ray with tune's session functions replaced by recorders."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from data.cache import build_image_cache
+from data.splits import write_manifest
+from trainables import trial as trial_module
+from trainables.trial import TrialDivergedError, TrialNotRetriedError, TrialSetup, train_classifier
+
+CONFIG = {"backbone": "MobileNetV2", "balancing": "oversample", "unfrozen_layers": -1,
+          "augmentation_intensity": 0.5, "learning_rate": 1e-3, "batch_size": 8, "dropout": 0.1, "image_size": 32}
+
+
+class FakeSession:
+    """Records tune.report calls and copies each checkpoint, as Tune would."""
+
+    def __init__(self, trial_dir: Path):
+        self.trial_dir = trial_dir
+        self.reports: list[dict] = []
+        self.checkpoints: list[Path] = []
+        self.restore_from = None
+
+    def report(self, metrics, *, checkpoint=None):
+        assert all(not (isinstance(v, float) and not math.isfinite(v)) for v in metrics.values())
+        self.reports.append(dict(metrics))
+        target = self.trial_dir / f"checkpoint_{len(self.checkpoints):06d}"
+        checkpoint.to_directory(str(target))
+        self.checkpoints.append(target)
+
+    def get_checkpoint(self):
+        from ray import tune
+
+        return tune.Checkpoint.from_directory(str(self.restore_from)) if self.restore_from else None
+
+    def get_context(self):
+        trial_dir = self.trial_dir
+
+        class Context:
+            def get_trial_dir(self):
+                return str(trial_dir)
+
+        return Context()
+
+
+@pytest.fixture
+def session(tmp_path, monkeypatch):
+    from ray import tune
+
+    fake = FakeSession(tmp_path / "trial")
+    fake.trial_dir.mkdir()
+    monkeypatch.setattr(tune, "report", fake.report)
+    monkeypatch.setattr(tune, "get_checkpoint", fake.get_checkpoint)
+    monkeypatch.setattr(tune, "get_context", fake.get_context)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> TrialSetup:
+    folder = tmp_path_factory.mktemp("trial-data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(48):
+        label = int(index % 4 == 0)
+        pixels = rng.integers(0, 80, (40, 40, 3)) + (120 if label else 0)
+        path = folder / f"img{index}.png"
+        Image.fromarray(pixels.astype(np.uint8)).save(path)
+        rows.append({"image_id": f"img{index}", "path": str(path), "label": label, "group": f"g{index}"})
+    records = pd.DataFrame(rows)
+    cache = build_image_cache(records["path"].tolist(), records["image_id"].tolist(), image_size=32,
+                              cache_root=folder / "cache", workers=1, progress=False)
+    records["cache_row"] = [cache.row_of(i) for i in records["image_id"]]
+    split = pd.Series(["train"] * 32 + ["validation"] * 16)
+    write_manifest(records, split, folder / "manifest.parquet")
+    return TrialSetup(manifest_path=str(folder / "manifest.parquet"), cache_paths={32: str(cache.path)}, max_epochs=2)
+
+
+def test_train_classifier_reports_each_epoch(session, setup):
+    train_classifier(dict(CONFIG), setup)
+    assert [r["epoch"] for r in session.reports] == [1, 2]
+    report = session.reports[-1]
+    assert 0.0 <= report["val_pauc80"] <= 0.2
+    assert report["objective_defined"] is True
+    state = json.loads((session.checkpoints[-1] / "state.json").read_text())
+    assert state["epoch"] == 2
+    assert 0.0 <= state["threshold"] <= 1.0
+    assert np.load(session.checkpoints[-1] / "validation_scores.npy").shape == (16,)
+    assert (session.checkpoints[-1] / "model.keras").is_file()
+
+
+def test_train_classifier_resumes_from_checkpoint(session, setup):
+    train_classifier(dict(CONFIG), TrialSetup(**{**setup.__dict__, "max_epochs": 1}))
+    session.restore_from = session.checkpoints[-1]
+    session.reports.clear()
+    train_classifier(dict(CONFIG), setup)
+    assert [r["epoch"] for r in session.reports] == [2]
+
+
+def test_train_classifier_nan_loss_fails_once(session, setup, monkeypatch):
+    import keras
+
+    def diverging_fit(self, *args, **kwargs):
+        history = keras.callbacks.History()
+        history.history = {"loss": [float("nan")]}
+        return history
+
+    monkeypatch.setattr(keras.Model, "fit", diverging_fit)
+    with pytest.raises(TrialDivergedError, match="Training loss became nan in epoch 1"):
+        train_classifier(dict(CONFIG), setup)
+    assert session.reports == []
+    with pytest.raises(TrialNotRetriedError, match="Not retried: TrialDivergedError"):
+        train_classifier(dict(CONFIG), setup)
+
+
+def test_train_classifier_missing_key(session, setup):
+    config = {k: v for k, v in CONFIG.items() if k != "dropout"}
+    with pytest.raises(ValueError, match="Trial config is missing dropout"):
+        train_classifier(config, setup)
+    assert (session.trial_dir / trial_module.FATAL_ERROR_FILE).is_file()
