@@ -145,7 +145,9 @@ def export_run(run_dir: str | os.PathLike) -> pd.DataFrame:
             status = "ERROR"
 
         objectives = [_finite(r.get(metric)) for r in results]
-        best_index = int(np.nanargmax([v if v is not None else -np.inf for v in objectives])) if results else None
+        best_index = None
+        if results:
+            best_index = int(np.argmax([v if v is not None else -np.inf for v in objectives]))
         best = results[best_index] if best_index is not None else {}
         epochs_run = len(results)
         row = {

@@ -1,6 +1,6 @@
 """The search driver: prepare the data once, then run OptunaSearch (TPE) with ASHA on Ray Tune.
 
-The run folder is Tune's experiment folder (``STORAGE_PATH/NAME``). Besides Tune's own files it holds
+The run folder is Tune's experiment folder (``STORAGE_PATH/NAME``). Besides Tune's own files it contains
 ``lesiontune_config.yaml`` (the resolved experiment), ``manifest.parquet`` (the split every trial
 uses), ``data_summary.json`` and ``exclusions.parquet`` (what was left out and why), and after the
 search ``trials.parquet`` and ``epochs.parquet``.
@@ -123,7 +123,7 @@ def check_imagenet_weights(backbones: list[str], image_sizes: list[int], *, orig
     try:
         urllib.request.urlopen(urllib.request.Request(origin, method="HEAD"), timeout=timeout).close()
     except urllib.error.HTTPError:
-        return  # The server answered, so the network works; the file download itself may still fail later.
+        return  # The server sent an HTTP status, so the network works; the download itself may still fail later.
     except (urllib.error.URLError, socket.timeout, OSError) as error:
         raise WeightsUnavailableError(
             f"ImageNet weights are not cached ({', '.join(sorted(set(missing)))}) and {origin} cannot be reached "
@@ -228,7 +228,7 @@ def run_search(config: ExperimentConfig, *, address: str | None = None, progress
     storage_path = Path(config.search["storage_path"] or Path.cwd() / "lesiontune_runs").expanduser().resolve()
     run_dir = storage_path / name
     if any(run_dir.glob("experiment_state-*.json")):
-        raise ValueError(f"Run folder {run_dir} already holds a search. Continue it with --resume {run_dir}, "
+        raise ValueError(f"Run folder {run_dir} already contains a search. Continue it with --resume {run_dir}, "
                          "or choose another --name.")
     run_dir.mkdir(parents=True, exist_ok=True)
     config.search["name"], config.search["storage_path"] = name, str(storage_path)

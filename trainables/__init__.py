@@ -1,4 +1,4 @@
-"""What runs inside one trial: backbones, model building, metrics and the Tune trainable.
+"""Code that runs inside one trial: backbones, model building, metrics and the Tune trainable.
 
 Importing this package does not import TensorFlow; ``trainables.model`` and ``trainables.trial`` do.
 """

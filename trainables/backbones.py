@@ -27,7 +27,7 @@ class BackboneSpec:
     ``"caffe"`` (RGB to BGR, subtract the ImageNet means), ``"tf"`` (scale to [-1, 1]) or ``"none"``
     (the backbone rescales inside itself, as EfficientNetV2 does with ``include_preprocessing=True``).
     ``weight_layers`` is the number of layers with trainable weights other than BatchNormalization
-    (convolutions and dense layers), which is what an unfrozen depth counts; measured on Keras 3.15.
+    (convolutions and dense layers). An unfrozen depth counts these layers. Counted on Keras 3.15.
     """
 
     name: str

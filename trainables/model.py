@@ -62,8 +62,8 @@ class Classifier:
 def resolve_weights(spec: BackboneSpec, weights: str, image_size: int) -> str | None:
     """Turn the ``weights`` setting into the argument of the Keras constructor.
 
-    ``"imagenet"`` downloads (or reuses ``~/.keras/models``); ``"none"`` is random initialisation; any other
-    value is a folder holding the no-top weight files under the names keras.applications gives them.
+    ``"imagenet"`` downloads the weights or reuses ``~/.keras/models``, and ``"none"`` is random initialisation.
+    Any other value is a folder with the no-top weight files under the names keras.applications gives them.
     """
     if weights == "none":
         return None

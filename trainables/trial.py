@@ -1,7 +1,7 @@
 """The Ray Tune function trainable: train one classifier and report validation metrics each epoch.
 
 A trial receives its searched hyperparameters as the Tune ``config`` and everything fixed for the
-experiment as a :class:`TrialSetup`; it knows nothing of the driver. Each epoch it predicts the
+experiment as a :class:`TrialSetup`. It imports nothing from the driver. Each epoch it predicts the
 validation split, chooses the F2-maximising threshold there, and reports the metrics with a checkpoint
 (the ``.keras`` model, the threshold and the validation scores).
 """
@@ -13,7 +13,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,6 @@ class TrialSetup:
     fine_tune_learning_rate_multiplier: float = 0.1
     specificity_target: float = 0.8
     sensitivity_target: float = 0.866
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def metric(self) -> str:
@@ -117,7 +116,7 @@ def train_classifier(config: dict, setup: TrialSetup) -> None:
 
     Use with ``tune.with_parameters(train_classifier, setup=...)``. Resumes from ``tune.get_checkpoint()``
     when Tune restores the trial. Tune retries a failed trial (``FailureConfig.max_failures``) because a
-    worker may have died; a failure that a retry cannot fix leaves a marker in the trial folder, so that the
+    worker may have died. A failure that a retry cannot fix leaves a marker in the trial folder, so the
     retry fails at once instead of training again.
     """
     from ray import tune
@@ -173,14 +172,14 @@ def _train(config: dict, setup: TrialSetup) -> None:
     trainable_layers = 0
     for epoch in range(start_epoch, setup.max_epochs):
         head_only = classifier.pretrained and unfrozen != 0 and epoch < setup.head_epochs
-        wanted_phase = "head" if head_only else "fine_tune"
-        if wanted_phase != phase:
+        next_phase = "head" if head_only else "fine_tune"
+        if next_phase != phase:
             trainable_layers = set_unfrozen_layers(classifier, 0 if head_only else unfrozen)
             rate = learning_rate
             if classifier.pretrained and not head_only and unfrozen != 0 and setup.head_epochs > 0:
                 rate = learning_rate * setup.fine_tune_learning_rate_multiplier
             compile_classifier(classifier, learning_rate=rate)
-            phase = wanted_phase
+            phase = next_phase
             logger.info("Epoch %d: %s phase, %d backbone weight layers trainable, learning rate %.3g",
                         epoch + 1, phase, trainable_layers, rate)
 
