@@ -52,7 +52,8 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     experiment.add_argument("--seed", type=int, help="seed of the split, the TPE sampler and the trials")
 
     cluster = parser.add_argument_group("resources")
-    cluster.add_argument("--address", help="address of a running Ray cluster (default: start a local Ray)")
+    cluster.add_argument("--address", help="address of a running Ray cluster (default: $RAY_ADDRESS, which Ray sets "
+                         "inside a Ray job; without it, start a local Ray)")
     cluster.add_argument("--cpus-per-trial", type=float, metavar="N")
     cluster.add_argument("--gpus-per-trial", type=float, metavar="N", help="fractions pack several trials on a GPU")
     cluster.add_argument("--max-concurrent-trials", type=int, metavar="N")
@@ -91,7 +92,7 @@ def _run_search_command(args: argparse.Namespace) -> int:
 
         outcome = resume_search(args.resume, address=args.address, progress=not args.quiet)
         _print_leaderboard(outcome.trials, outcome.metric)
-        return 0
+        return _search_status(outcome.trials)
 
     config = load_config(args.config, overrides=_overrides(args))
     if args.dry_run:
@@ -108,6 +109,16 @@ def _run_search_command(args: argparse.Namespace) -> int:
     outcome = run_search(config, address=args.address, progress=not args.quiet)
     _print_leaderboard(outcome.trials, outcome.metric)
     print(f"\nResults: {outcome.run_dir / 'trials.parquet'} and {outcome.run_dir / 'epochs.parquet'}")
+    return _search_status(outcome.trials)
+
+
+def _search_status(trials) -> int:
+    """Return 1, with the first error, when no trial finished, so a Ray job of a failed search fails too."""
+    if len(trials) and not (trials["status"] == "TERMINATED").any():
+        errors = trials["error"].dropna()
+        first = errors.iloc[0] if len(errors) else "no error recorded"
+        print(f"lesiontune: error: all {len(trials)} trials failed; the first error: {first}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -164,11 +164,13 @@ def _trial_setup(config: ExperimentConfig, prepared: PreparedData) -> TrialSetup
 
 
 def _start_ray(address: str | None) -> dict[str, float]:
-    """Connect to ``address`` or start a local Ray; return the cluster's resources."""
+    """Connect to ``address``, else to ``$RAY_ADDRESS``, else start a local Ray; return the cluster's resources."""
     import ray
 
     if not ray.is_initialized():
         runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}
+        # Ray sets RAY_ADDRESS for the driver of a Ray job, so a submitted search joins the job's cluster.
+        address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, runtime_env=runtime_env)
         else:
