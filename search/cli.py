@@ -145,17 +145,6 @@ def _print_leaderboard(trials, metric: str, top: int = 10) -> None:
         print(table.to_string(index=False))
 
 
-def _results_command(args: argparse.Namespace) -> int:
-    from results.export import export_run
-
-    trials = export_run(args.run_dir)
-    if args.action == "export":
-        print(f"Wrote {Path(args.run_dir) / 'trials.parquet'} ({len(trials)} trials) and epochs.parquet")
-    objective = trials["objective"].iloc[0] if len(trials) else "objective"
-    _print_leaderboard(trials, f"val_{objective}", top=args.top)
-    return 0
-
-
 def _data_inspect(args: argparse.Namespace) -> int:
     from data.metadata import load_dataset
 
@@ -185,14 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_arguments(search)
     search.set_defaults(handler=_run_search_command)
 
-    results = commands.add_parser("results", help="export and rank the trials of a run")
-    results_commands = results.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("export", "write trials.parquet and epochs.parquet"), ("leaderboard", "print the top trials")):
-        sub = results_commands.add_parser(action, help=text)
-        sub.add_argument("run_dir", metavar="RUN_DIR", help="run folder (STORAGE_PATH/NAME)")
-        sub.add_argument("--top", type=int, default=10, help="trials to list (default 10)")
-        sub.add_argument("--quiet", action="store_true")
-        sub.set_defaults(handler=_results_command)
+    from results.cli import add_predict_command, add_results_commands
+
+    results = commands.add_parser("results", help="export, rank, analyse, report and evaluate the trials of a run")
+    add_results_commands(results.add_subparsers(dest="action", required=True, metavar="ACTION"))
+    add_predict_command(commands)
 
     data = commands.add_parser("data", help="inspect or download datasets")
     data_commands = data.add_subparsers(dest="action", required=True, metavar="ACTION")
