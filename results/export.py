@@ -140,9 +140,8 @@ def export_run(run_dir: str | os.PathLike) -> pd.DataFrame:
         trial_id = results[0]["trial_id"] if results else trial_dir.name.split("_")[-3]
         state = states.get(trial_id, {})
         status = state.get("status") or ("TERMINATED" if results else "PENDING")
-        error = _error_text(trial_dir, state)
-        if error and status == "TERMINATED":
-            status = "ERROR"
+        # A trial that Tune retried after its worker died keeps the old error file, so trust the status.
+        error = _error_text(trial_dir, state) if status == "ERROR" else None
 
         objectives = [_finite(r.get(metric)) for r in results]
         best_index = None

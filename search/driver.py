@@ -198,7 +198,9 @@ def _new_tuner(config: ExperimentConfig, setup: TrialSetup, *, name: str, storag
     from ray.tune.search.optuna import OptunaSearch
 
     metric = setup.metric
-    searcher = ConcurrencyLimiter(OptunaSearch(seed=int(config.search["seed"])), max_concurrent=concurrency)
+    points = config.search["points_to_evaluate"] or None
+    searcher = ConcurrencyLimiter(OptunaSearch(seed=int(config.search["seed"]), points_to_evaluate=points),
+                                  max_concurrent=concurrency)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=int(config.search["max_epochs"]),
                               grace_period=int(config.search["grace_period"]),
                               reduction_factor=float(config.search["reduction_factor"]))

@@ -6,7 +6,8 @@ A file sets any of five sections; every key is optional and defaults to the valu
     data:       {path: null, layout: auto, positive_class: melanoma, validation_fraction: 0.15, test_fraction: 0.15,
                  cache_dir: null}
     search:     {name: null, objective: pauc80, num_samples: 20, max_epochs: 8, grace_period: 1,
-                 reduction_factor: 2, seed: 0, max_concurrent_trials: null, storage_path: null, max_failures: 2}
+                 reduction_factor: 2, seed: 0, max_concurrent_trials: null, storage_path: null, max_failures: 2,
+                 points_to_evaluate: []}
     training:   {weights: none, head_epochs: 1, fine_tune_learning_rate_multiplier: 0.1,
                  specificity_target: 0.8, sensitivity_target: 0.866}
     resources:  {cpus_per_trial: 1, gpus_per_trial: 0}
@@ -51,7 +52,7 @@ def default_config_dict() -> dict[str, Any]:
                  "validation_fraction": 0.15, "test_fraction": 0.15, "cache_dir": None},
         "search": {"name": None, "objective": "pauc80", "num_samples": 20, "max_epochs": 8, "grace_period": 1,
                    "reduction_factor": 2, "seed": 0, "max_concurrent_trials": None, "storage_path": None,
-                   "max_failures": 2},
+                   "max_failures": 2, "points_to_evaluate": []},
         "training": {"weights": "none", "head_epochs": 1, "fine_tune_learning_rate_multiplier": 0.1,
                      "specificity_target": 0.8, "sensitivity_target": 0.866},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
@@ -286,6 +287,30 @@ def _check_backbone_sizes(space: dict[str, Parameter], source: str) -> None:
             f"{deepest} weight layers. Use at most {deepest}, or -1 for every layer.")
 
 
+def _check_points(points: Any, space: dict[str, Parameter], source: str) -> list[dict[str, Any]]:
+    """Validate the configurations TPE evaluates first: known keys, values inside the space."""
+    if not isinstance(points, list):
+        raise _fail(source, "search.points_to_evaluate", points, "a list of mappings from parameter names to values")
+    checked = []
+    for index, point in enumerate(points):
+        key = f"search.points_to_evaluate[{index}]"
+        if not isinstance(point, Mapping):
+            raise _fail(source, key, point, "a mapping from parameter names to values")
+        resolved = {}
+        for name, value in point.items():
+            if name not in space:
+                raise ConfigError(f"{source}: unknown parameter {name!r} in {key}. Allowed: {', '.join(space)}.")
+            value = _check_scalar(name, value, f"{key}.{name}", source)
+            parameter = space[name]
+            inside = (parameter.low <= value <= parameter.high) if parameter.kind == "range" else value in parameter.values
+            if not inside:
+                raise _fail(source, f"{key}.{name}", value, f"a value inside space.{name} ({parameter.candidates()})")
+            if parameter.kind != "fixed":
+                resolved[name] = value
+        checked.append(resolved)
+    return checked
+
+
 def _fit_default_depth(merged: dict[str, Any]) -> None:
     """Cap the default unfrozen-depth range at the deepest chosen backbone, so defaults are always valid."""
     if merged["space"]["unfrozen_layers"] != default_config_dict()["space"]["unfrozen_layers"]:
@@ -332,6 +357,7 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: Mapping[str
     if merged["training"]["weights"] == "none" and space["unfrozen_layers"] != Parameter("unfrozen_layers", "fixed", (-1,)):
         # From scratch every layer trains, so a searched depth would only add noise to the search.
         space["unfrozen_layers"] = Parameter("unfrozen_layers", "fixed", (-1,))
+    merged["search"]["points_to_evaluate"] = _check_points(merged["search"]["points_to_evaluate"], space, source)
     return ExperimentConfig(data=merged["data"], search=merged["search"], training=merged["training"],
                             resources=merged["resources"], space=space)
 

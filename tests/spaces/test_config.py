@@ -89,3 +89,27 @@ def test_load_config_depth_beyond_backbones(tmp_path):
 def test_load_config_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="Cannot read experiment file"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_load_config_points_to_evaluate(tmp_path):
+    path = _write(tmp_path, """
+training: {weights: imagenet}
+space: {backbone: [ResNet50, MobileNetV2]}
+search:
+  points_to_evaluate:
+    - {backbone: ResNet50, balancing: class_weight, unfrozen_layers: 20, learning_rate: 1.0e-4}
+""")
+    points = load_config(path).search["points_to_evaluate"]
+    assert points == [{"backbone": "ResNet50", "balancing": "class_weight", "unfrozen_layers": 20,
+                       "learning_rate": 1e-4}]
+
+
+@pytest.mark.parametrize("point,message", [
+    ("{backbone: VGG16}", r"search.points_to_evaluate\[0\].backbone: expected a value inside space.backbone"),
+    ("{learning_rate: 1.0}", r"search.points_to_evaluate\[0\].learning_rate: expected a value inside"),
+    ("{lr: 0.001}", r"unknown parameter 'lr' in search.points_to_evaluate\[0\]"),
+])
+def test_load_config_points_outside_space(tmp_path, point, message):
+    path = _write(tmp_path, f"space: {{backbone: [ResNet50]}}\nsearch: {{points_to_evaluate: [{point}]}}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
