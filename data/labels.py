@@ -54,7 +54,7 @@ class LabelDecision:
 
 
 class Category(enum.Enum):
-    """What a diagnosis says about malignancy, before a positive class turns it into a label."""
+    """Malignancy class of a diagnosis, before a positive class turns it into a label."""
 
     MELANOMA = "melanoma"
     OTHER_MALIGNANT = "other malignant"
@@ -94,7 +94,8 @@ LEGACY_ISIC_STATUS: Mapping[str, Category] = MappingProxyType({
 })
 
 # Legacy ISIC `diagnosis` values, lower case: every value of `isic_metadata.fields.LegacyDxEnum` (isic-metadata
-# 4.12), plus "unknown" (ISIC 2020) and two values of older exports. None marks a value that names no diagnosis.
+# 4.12), plus "unknown" (ISIC 2020), "bowen's disease" and "atypical fibroxanthoma". None marks a value that names
+# no diagnosis.
 LEGACY_ISIC_DIAGNOSES: Mapping[str, Category | None] = MappingProxyType({
     "melanoma": Category.MELANOMA,
     "melanoma metastasis": Category.MELANOMA,
@@ -182,7 +183,7 @@ _TOP_LEVELS: Mapping[str, Category] = MappingProxyType({
 
 
 def _categorise_isic_levels(levels: tuple[str, ...]) -> Category:
-    """Categorise a known ISIC hierarchy path by its first two levels; deeper levels only refine the subtype."""
+    """Categorise a known ISIC hierarchy path by its first two levels, because deeper levels only refine the subtype."""
     top = _TOP_LEVELS[levels[0]]
     if top is not Category.UNSPECIFIED_MALIGNANT or len(levels) == 1:
         return top
@@ -205,7 +206,7 @@ _ISIC_PATH_BY_TERMINAL: Mapping[str, tuple[str, ...]] = MappingProxyType({
 })
 
 LABEL_SOURCES = ("current-isic", "legacy-isic", "ham10000", "isic2019")
-"""Sources accepted by :func:`label_table`; ISIC 2020 uses the legacy ISIC columns and tables."""
+"""Sources accepted by :func:`label_table`. ISIC 2020 uses the legacy ISIC columns and tables."""
 
 
 def validate_positive_class(positive_class: str) -> str:
@@ -226,60 +227,85 @@ def _text(value: object) -> str:
     return str(value).strip().lower()
 
 
-def _resolve_isic_levels(levels: list[str]) -> Category | LabelDecision:
-    """Find the category of a row's diagnosis levels, or the exclusion when they match no hierarchy path."""
+def _match_isic_path(recorded: list[str]) -> str | None:
+    """Return the hierarchy path that ``recorded`` names, filling skipped levels in from the deepest level."""
+    path = ":".join(recorded)
+    if path in CURRENT_ISIC_DIAGNOSES:
+        return path
+    by_terminal = _ISIC_PATH_BY_TERMINAL.get(recorded[-1])
+    if by_terminal is not None and len(by_terminal) == len(recorded) and all(
+            not level or level == expected for level, expected in zip(recorded, by_terminal)):
+        return ":".join(by_terminal)
+    return None
+
+
+def _find_conflicting_level(recorded: list[str]) -> int | None:
+    """Return the index of a known level that contradicts the levels given above it, if any."""
+    for index, level in enumerate(recorded):
+        path = _ISIC_PATH_BY_TERMINAL.get(level)
+        if path is not None and (len(path) != index + 1 or any(
+                above and above != expected for above, expected in zip(recorded[:index], path))):
+            return index
+    return None
+
+
+def _resolve_isic_levels(levels: list[str]) -> tuple[Category | None, str]:
+    """Find the category of a row's diagnosis levels, with the exclusion reason to use in place of the default.
+
+    Returns ``(None, reason)`` when the levels match no hierarchy path or contradict each other.
+    """
     depth = max(index for index, level in enumerate(levels) if level) + 1
-    given = levels[:depth]
-    known = CURRENT_ISIC_DIAGNOSES.get(":".join(given))
-    if known is not None:
-        return known
+    recorded = levels[:depth]
+    conflict = _find_conflicting_level(recorded)
+    if conflict is not None:
+        return None, f"conflicting diagnosis_{conflict + 1} {recorded[conflict]!r}"
 
-    by_terminal = _ISIC_PATH_BY_TERMINAL.get(given[-1])
-    if by_terminal is not None and len(by_terminal) == depth and all(
-            not level or level == expected for level, expected in zip(given, by_terminal)):
-        return CURRENT_ISIC_DIAGNOSES[":".join(by_terminal)]
-
-    # An unknown subtype (a newer hierarchy, a typo) inherits the category of its deepest known ancestor.
-    # Below diagnosis_2 that is exact, because the category depends on diagnosis_1 and diagnosis_2 only.
-    for ancestor_depth in range(depth - 1, 0, -1):
-        ancestor = given[:ancestor_depth]
-        if all(ancestor) and ":".join(ancestor) in CURRENT_ISIC_DIAGNOSES:
-            category = CURRENT_ISIC_DIAGNOSES[":".join(ancestor)]
-            if ancestor_depth == 1 and category is Category.UNSPECIFIED_MALIGNANT and given[1]:
-                return LabelDecision(Outcome.EXCLUDED, f"unknown diagnosis_2 {given[1]!r}")
-            return category
-    if given[0]:
-        return LabelDecision(Outcome.EXCLUDED, f"unknown diagnosis_1 {given[0]!r}")
-    return LabelDecision(Outcome.EXCLUDED, f"unknown diagnosis {given[-1]!r}")
+    # An unknown subtype (from a newer hierarchy, or a typo) inherits the category of its deepest known
+    # ancestor. Below diagnosis_2 that is exact, because the category depends on diagnosis_1 and diagnosis_2 only.
+    for ancestor_depth in range(depth, 0, -1):
+        ancestor = recorded[:ancestor_depth]
+        path = _match_isic_path(ancestor) if ancestor[-1] else None
+        if path is None:
+            continue
+        category = CURRENT_ISIC_DIAGNOSES[path]
+        if ancestor_depth == 1 and depth > 1 and recorded[1] and category is Category.UNSPECIFIED_MALIGNANT:
+            return category, f"unknown diagnosis_2 {recorded[1]!r}"
+        return category, ""
+    if recorded[0]:
+        return None, f"unknown diagnosis_1 {recorded[0]!r}"
+    return None, f"unknown diagnosis {recorded[-1]!r}"
 
 
-def label_current_isic(diagnosis_1: object, diagnosis_2: object, diagnosis_3: object, diagnosis_4: object = None,
-                       diagnosis_5: object = None, *, positive_class: str) -> LabelDecision:
+def label_current_isic(diagnosis_1: object, diagnosis_2: object = None, diagnosis_3: object = None,
+                       diagnosis_4: object = None, diagnosis_5: object = None, *,
+                       positive_class: str) -> LabelDecision:
     """Label a row by the current ISIC diagnosis hierarchy (``diagnosis_1`` Benign/Malignant/Indeterminate).
 
     Every melanoma of the hierarchy (in situ, invasive, metastasis, NOS and their subtypes) is positive under
     both positive classes, and every other ``diagnosis_1 == "Malignant"`` is positive under ``"malignant"``.
-    A malignant row whose type is not recorded (no ``diagnosis_2``, or a malignant collision) is excluded under
-    ``"melanoma"``. Levels are matched case-insensitively, and a row that skips a level is resolved by its
-    deepest level when that name occurs once in the hierarchy.
+    A malignant row whose type is not recorded (no or an unknown ``diagnosis_2``, or a malignant collision) is
+    excluded under ``"melanoma"``. Levels are matched case-insensitively. A row that skips a level is resolved
+    by its deepest level, whose name occurs once in the hierarchy, and a row whose levels contradict each other
+    is excluded.
     """
     positive_class = validate_positive_class(positive_class)
     levels = [_text(level) for level in (diagnosis_1, diagnosis_2, diagnosis_3, diagnosis_4, diagnosis_5)]
     if not any(levels):
         return _MISSING
-    resolved = _resolve_isic_levels(levels)
-    if isinstance(resolved, LabelDecision):
-        if positive_class == "malignant" and resolved.reason.startswith("unknown diagnosis_2"):
-            return _POSITIVE
-        return resolved
-    return _decide(resolved, positive_class)
+    category, reason = _resolve_isic_levels(levels)
+    if category is None:
+        return LabelDecision(Outcome.EXCLUDED, reason)
+    decision = _decide(category, positive_class)
+    if decision.outcome is Outcome.EXCLUDED and reason:
+        return LabelDecision(Outcome.EXCLUDED, reason)
+    return decision
 
 
 def label_legacy_isic(benign_malignant: object, diagnosis: object, *, positive_class: str) -> LabelDecision:
     """Label a row by the legacy ISIC columns ``benign_malignant`` and ``diagnosis`` (also used for ISIC 2020).
 
-    ``benign_malignant`` decides benign against malignant, and ``diagnosis`` tells melanoma from other malignant
-    lesions. ``diagnosis`` alone decides when ``benign_malignant`` is blank. A melanoma diagnosis is positive
+    ``benign_malignant`` decides benign against malignant, and ``diagnosis`` separates melanoma from other
+    malignant lesions. ``diagnosis`` alone decides when ``benign_malignant`` is blank. A melanoma diagnosis is positive
     whatever ``benign_malignant`` says.
     """
     positive_class = validate_positive_class(positive_class)
@@ -330,7 +356,7 @@ def _describe(decision: LabelDecision) -> str:
 
 
 def label_table(source: str) -> pd.DataFrame:
-    """List every value that ``source`` knows, with its category and its outcome under each positive class.
+    """List every value in the table of ``source``, with its category and its outcome under each positive class.
 
     Args:
         source: one of :data:`LABEL_SOURCES`.
@@ -357,8 +383,8 @@ def label_table(source: str) -> pd.DataFrame:
         table = {"current-isic": CURRENT_ISIC_DIAGNOSES, "ham10000": HAM10000_DX, "isic2019": ISIC2019_CLASSES}
         entries = [(value, value, category) for value, category in table[source].items()]
     rows = [
-        {"value": shown, "category": category.value if category else "",
+        {"value": display_value, "category": category.value if category else "",
          **{policy: _describe(labellers[source](value, policy)) for policy in POSITIVE_CLASSES}}
-        for value, shown, category in entries
+        for value, display_value, category in entries
     ]
     return pd.DataFrame(rows, columns=["value", "category", *POSITIVE_CLASSES])

@@ -204,7 +204,8 @@ def _read_isic_cli(csv_path: Path, positive_class: str) -> LabelledDataset:
     if "diagnosis_1" in frame.columns:
         def decide(row: pd.Series) -> label_policy.LabelDecision:
             return label_policy.label_current_isic(row.get("diagnosis_1"), row.get("diagnosis_2"),
-                                                   row.get("diagnosis_3"), positive_class=positive_class)
+                                                   row.get("diagnosis_3"), row.get("diagnosis_4"),
+                                                   row.get("diagnosis_5"), positive_class=positive_class)
         diagnosis = _optional(frame, ["diagnosis_3", "diagnosis_2", "diagnosis_1"])
     elif "benign_malignant" in frame.columns or "diagnosis" in frame.columns:
         def decide(row: pd.Series) -> label_policy.LabelDecision:

@@ -146,11 +146,13 @@ def _print_leaderboard(trials, metric: str, top: int = 10) -> None:
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
+    from data.inspect import format_report, inspect_dataset
     from data.metadata import load_dataset
 
     dataset = load_dataset(args.path, positive_class=args.positive_class, layout=args.layout)
-    summary = dataset.summary()
-    print(json.dumps(summary, indent=2))
+    report = inspect_dataset(dataset, image_stats=not args.no_image_stats, sample=args.sample,
+                             duplicates=args.duplicates)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -186,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", metavar="PATH")
     inspect.add_argument("--positive-class", default="melanoma", choices=("melanoma", "malignant"))
     inspect.add_argument("--layout", default="auto")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--sample", type=int, metavar="N",
+                         help="read the image sizes of N images drawn at random (default: all images)")
+    inspect.add_argument("--no-image-stats", action="store_true", help="skip reading image sizes from file headers")
+    inspect.add_argument("--duplicates", action="store_true",
+                         help="count exact and near-duplicate pairs; decodes every image, so it is slow on "
+                              "full-size originals")
     inspect.add_argument("--quiet", action="store_true")
     inspect.set_defaults(handler=_data_inspect)
     fetch = data_commands.add_parser("fetch", help="download images and metadata from the ISIC Archive")

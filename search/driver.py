@@ -23,6 +23,8 @@ import pandas as pd
 import yaml
 
 from data.cache import build_image_cache
+from data.duplicates import (CACHED_IMAGE_MAX_DISTANCE, DEFAULT_MAX_DISTANCE, compute_array_hashes, find_duplicates,
+                             merge_duplicate_groups)
 from data.io import write_json_atomic, write_parquet_atomic
 from data.metadata import DataError, load_dataset
 from data.splits import SplitFractions, assign_splits, write_manifest
@@ -40,6 +42,7 @@ CONFIG_FILE = "lesiontune_config.yaml"
 MANIFEST_FILE = "manifest.parquet"
 SUMMARY_FILE = "data_summary.json"
 EXCLUSIONS_FILE = "exclusions.parquet"
+DUPLICATES_FILE = "duplicates.parquet"
 KERAS_WEIGHTS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 
@@ -90,6 +93,15 @@ def prepare_data(config: ExperimentConfig, run_dir: Path, *, progress: bool = Tr
     exclusions = pd.concat([dataset.excluded, unreadable.assign(reason="unreadable image: " + unreadable["reason"])],
                            ignore_index=True)
 
+    # Copies of one image under two ids would land in different splits and leak. Hashing the cached pixels
+    # spares a second decode of the originals, and each row is read from the memory map only when it is hashed.
+    cached_pixels = [cache.images[row] for row in records["cache_row"]]
+    hashes = compute_array_hashes(cached_pixels, records["image_id"].tolist())
+    max_distance = CACHED_IMAGE_MAX_DISTANCE if cache.resize_rule == "center_crop" else DEFAULT_MAX_DISTANCE
+    duplicates = find_duplicates(records, max_distance=max_distance, hashes=hashes)
+    records = merge_duplicate_groups(records, duplicates)
+    write_parquet_atomic(duplicates, run_dir / DUPLICATES_FILE)
+
     split = assign_splits(records, fractions=SplitFractions(settings["validation_fraction"], settings["test_fraction"]),
                           seed=int(config.search["seed"]))
     manifest_path = run_dir / MANIFEST_FILE
@@ -102,11 +114,13 @@ def prepare_data(config: ExperimentConfig, run_dir: Path, *, progress: bool = Tr
     summary["images"] = int(len(records))
     summary["positive"] = int(records["label"].sum())
     summary["negative"] = int(len(records) - records["label"].sum())
+    summary["groups"] = int(records["group"].nunique())
     summary["splits"] = {
         name: {"images": int((split == name).sum()), "positive": int(records.loc[split == name, "label"].sum()),
                "groups": int(records.loc[split == name, "group"].nunique())}
         for name in ("train", "validation", "test")
     }
+    summary["duplicates"] = {kind: int((duplicates["kind"] == kind).sum()) for kind in ("exact", "near")}
     summary["cache_paths"] = {str(k): v for k, v in cache_paths.items()}
     write_json_atomic(summary, run_dir / SUMMARY_FILE)
     return PreparedData(manifest_path=manifest_path, cache_paths=cache_paths, summary=summary)

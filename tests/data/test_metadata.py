@@ -1,5 +1,6 @@
 """Tests for the metadata readers and the label policy."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,55 @@ def test_load_dataset_shared_counts():
     assert (cc0["images"], cc0["positive"], cc0["excluded"]) == (550, 153, 0)
     assert (ham["images"], ham["positive"], ham["positive_groups"], ham["groups"]) == (10015, 1113, 614, 7470)
     assert ham["group_column"] == "lesion_id"
+
+
+def _placeholder_images(folder: Path, image_ids, suffix: str = ".jpg") -> None:
+    """Create one hard link per id: loading metadata checks only that image files exist."""
+    folder.mkdir(parents=True, exist_ok=True)
+    original = folder / "placeholder.bin"
+    original.write_bytes(b"\xff")
+    for image_id in image_ids:
+        os.link(original, folder / f"{image_id}{suffix}")
+
+
+def test_load_dataset_malignant_collision(tmp_path):
+    rows = [
+        {"isic_id": "ISIC_1", "diagnosis_1": "Malignant",
+         "diagnosis_2": "Collision - At least one malignant proliferation"},
+        {"isic_id": "ISIC_2", "diagnosis_1": "Malignant", "diagnosis_2": "Malignant epidermal proliferations"},
+        {"isic_id": "ISIC_3", "diagnosis_1": "Benign", "diagnosis_2": "Benign melanocytic proliferations"},
+        {"isic_id": "ISIC_4", "diagnosis_1": "Malignant", "diagnosis_3": "Melanoma in situ"},
+    ]
+    folder = _isic_folder(tmp_path, rows)
+    melanoma = load_dataset(folder, positive_class="melanoma")
+    malignant = load_dataset(folder, positive_class="malignant")
+    assert melanoma.records.set_index("image_id")["label"].to_dict() == {"ISIC_2": 0, "ISIC_3": 0, "ISIC_4": 1}
+    assert melanoma.summary()["excluded_by_reason"] == {"unspecified malignant diagnosis": 1}
+    assert malignant.records.set_index("image_id")["label"].to_dict() == {"ISIC_1": 1, "ISIC_2": 1, "ISIC_3": 0,
+                                                                          "ISIC_4": 1}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "metadata").is_dir(), reason="../shared/data/metadata is absent")
+def test_load_dataset_isic2020_shared_rows(tmp_path):
+    truth = pd.read_csv(SHARED_DATA / "metadata" / "ISIC_2020_Training_GroundTruth.csv", dtype=str)
+    head = pd.concat([truth[truth["target"] == "1"].head(20), truth[truth["target"] == "0"].head(280)])
+    head.to_csv(tmp_path / "ISIC_2020_Training_GroundTruth.csv", index=False)
+    _placeholder_images(tmp_path / "train", head["image_name"])
+    dataset = load_dataset(tmp_path, layout="isic2020")
+    assert dataset.group_column == "patient_id"
+    assert len(dataset.records) == 300
+    assert dataset.records["label"].sum() == 20
+    assert dataset.records["group"].nunique() == head["patient_id"].nunique()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "metadata").is_dir(), reason="../shared/data/metadata is absent")
+def test_load_dataset_isic2019_shared_rows(tmp_path):
+    truth = pd.read_csv(SHARED_DATA / "metadata" / "ISIC_2019_Training_GroundTruth.csv", dtype=str).head(400)
+    truth.to_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", index=False)
+    _placeholder_images(tmp_path / "ISIC_2019_Training_Input", truth["image"])
+    melanoma = load_dataset(tmp_path, layout="isic2019")
+    malignant = load_dataset(tmp_path, layout="isic2019", positive_class="malignant")
+    one_hot = truth.set_index("image").astype(float)
+    assert melanoma.records["label"].sum() == one_hot["MEL"].sum()
+    assert malignant.records["label"].sum() == one_hot[["MEL", "BCC", "AK", "SCC"]].sum().sum()
+    assert len(melanoma.excluded) == 0

@@ -61,7 +61,7 @@ def test_python_m_search_dry_run(tmp_path, capsys):
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (real ISIC images) is absent")
 def test_data_inspect_ham10000(capsys):
-    status, out, _ = _run(capsys, ["data", "inspect", str(SHARED_DATA / "ham10000")])
+    status, out, _ = _run(capsys, ["data", "inspect", "--json", str(SHARED_DATA / "ham10000")])
     assert status == 0
     assert '"positive": 1113' in out
     assert '"positive_groups": 614' in out
