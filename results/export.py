@@ -91,7 +91,9 @@ def _read_results(trial_dir: Path) -> list[dict]:
 
 def _trial_states(run_dir: Path) -> dict[str, dict]:
     """Read each trial's status and error from Tune's newest experiment state file."""
-    states = sorted(run_dir.glob("experiment_state-*.json"), key=os.path.getmtime)
+    # A resumed run writes a new state file and rewrites the old one too, so modification times cannot tell
+    # which is newest; the timestamp in the name (YYYY-MM-DD_HH-MM-SS) can.
+    states = sorted(run_dir.glob("experiment_state-*.json"), key=lambda path: path.name)
     if not states:
         return {}
     document = json.loads(states[-1].read_text(encoding="utf-8"))
