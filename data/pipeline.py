@@ -44,6 +44,8 @@ def make_dataset(
     seed: int = 0,
     sample_weights: np.ndarray | None = None,
     drop_remainder: bool = False,
+    partner_rows: np.ndarray | None = None,
+    blend_weights: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Build a batched, prefetched tf.data pipeline over rows of an image array.
 
@@ -66,6 +68,10 @@ def make_dataset(
         seed: seed of the shuffle order and of the augmentation draws.
         sample_weights: `(M,)` non-negative finite weights aligned with `rows`, or None.
         drop_remainder: whether to drop the last batch when it is smaller than `batch_size`.
+        partner_rows: `(M,)` integer indices into `images`, aligned with `rows`, or None. Entry i of the
+            dataset is then the blend `(1 - blend_weights[i]) * images[rows[i]] + blend_weights[i] *
+            images[partner_rows[i]]`, rounded to uint8 before augmentation (SMOTE-style balancing).
+        blend_weights: `(M,)` weights in [0, 1] aligned with `rows`; required with `partner_rows`.
 
     Returns:
         A dataset of `(x, y)`, or `(x, y, w)` when `sample_weights` is given:
@@ -86,8 +92,11 @@ def make_dataset(
         sample_weights = _checked_sample_weights(sample_weights, num_rows=rows.shape[0])
     _check_batching(batch_size, drop_remainder=drop_remainder, num_rows=rows.shape[0])
     _check_augmentation(augmentation)
+    blend = None
+    if partner_rows is not None or blend_weights is not None:
+        blend = _checked_blend(partner_rows, blend_weights, num_images=images.shape[0], num_rows=rows.shape[0])
 
-    loader = _BatchLoader(images=images, rows=rows, augmentation=augmentation)
+    loader = _BatchLoader(images=images, rows=rows, augmentation=augmentation, blend=blend)
     image_size = images.shape[1]
     static_batch = batch_size if drop_remainder else None
     label_table = tf.constant(labels)
@@ -126,12 +135,14 @@ def make_dataset(
 
 
 class _BatchLoader:
-    """Gathers one batch of rows from the image array and augments it on the shared thread pool."""
+    """Gathers a batch of rows, blends SMOTE pairs and augments the images on the shared thread pool."""
 
-    def __init__(self, *, images: np.ndarray, rows: np.ndarray, augmentation: A.Compose | None):
+    def __init__(self, *, images: np.ndarray, rows: np.ndarray, augmentation: A.Compose | None,
+                 blend: tuple[np.ndarray, np.ndarray] | None = None):
         self._images = images
         self._rows = rows
         self._augmentation = augmentation
+        self._blend = blend
         # Albumentations transforms keep their random generators as attributes,
         # so each worker thread gets its own copy of the augmentation.
         self._thread_state = threading.local()
@@ -140,6 +151,8 @@ class _BatchLoader:
         # Fancy indexing a memmap reads only the selected rows into a new array,
         # which the augmented images may then overwrite in place.
         batch = np.asarray(self._images[self._rows[positions]])
+        if self._blend is not None:
+            self._blend_in_place(batch, positions)
         if self._augmentation is None or batch.shape[0] == 0:
             return batch
 
@@ -155,6 +168,18 @@ class _BatchLoader:
         for future in futures:
             future.result()
         return batch
+
+    def _blend_in_place(self, batch: np.ndarray, positions: np.ndarray) -> None:
+        partner_rows, blend_weights = self._blend
+        weights = blend_weights[positions]
+        synthetic = np.flatnonzero(weights > 0)
+        if synthetic.shape[0] == 0:
+            return
+        # Only the partners of synthetic entries are read, so an unblended batch costs no extra reads.
+        partners = np.asarray(self._images[partner_rows[positions[synthetic]]], dtype=np.float32)
+        weight = weights[synthetic, None, None, None]
+        mixed = (1.0 - weight) * batch[synthetic].astype(np.float32) + weight * partners
+        batch[synthetic] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
     def _augment_in_place(self, batch: np.ndarray, indices: np.ndarray, image_seeds: np.ndarray) -> None:
         augmentation = getattr(self._thread_state, "augmentation", None)
@@ -263,6 +288,25 @@ def _checked_sample_weights(sample_weights: np.ndarray, *, num_rows: int) -> np.
             "Pass per-row weights such as inverse class frequencies, or None for equal weights."
         )
     return sample_weights
+
+
+def _checked_blend(partner_rows: np.ndarray | None, blend_weights: np.ndarray | None, *, num_images: int,
+                   num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    if partner_rows is None or blend_weights is None:
+        raise ValueError("partner_rows and blend_weights must be given together, or both left None. "
+                         "Pass BalancedRows.partner_rows and BalancedRows.blend_weights.")
+    partner_rows = _checked_rows(partner_rows, num_images=num_images)
+    if partner_rows.shape != (num_rows,):
+        raise ValueError(f"partner_rows must have shape ({num_rows},) to match rows, got {partner_rows.shape}.")
+    blend_weights = np.asarray(blend_weights, dtype=np.float32)
+    if blend_weights.shape != (num_rows,):
+        raise ValueError(f"blend_weights must have shape ({num_rows},) to match rows, got {blend_weights.shape}.")
+    invalid = ~np.isfinite(blend_weights) | (blend_weights < 0) | (blend_weights > 1)
+    if invalid.any():
+        position = int(np.flatnonzero(invalid)[0])
+        raise ValueError(f"blend_weights must be in [0, 1], got {blend_weights[position].item()!r} at position "
+                         f"{position}. Pass the weights from balance_rows(..., method='smote').")
+    return partner_rows, blend_weights
 
 
 def _check_batching(batch_size: int, *, drop_remainder: bool, num_rows: int) -> None:

@@ -40,6 +40,7 @@ _HYPERPARAMETER_FIELDS = [
     pa.field("batch_size", pa.int64()),
     pa.field("dropout", pa.float64()),
     pa.field("image_size", pa.int64()),
+    pa.field("smote_k", pa.int64()),  # null in runs made before smote_k existed
 ]
 
 TRIAL_SCHEMA = pa.schema([
@@ -141,9 +142,13 @@ def export_run(run_dir: str | os.PathLike) -> pd.DataFrame:
         results = _read_results(trial_dir)
         trial_id = results[0]["trial_id"] if results else trial_dir.name.split("_")[-3]
         state = states.get(trial_id, {})
-        status = state.get("status") or ("TERMINATED" if results else "PENDING")
-        # A trial that Tune retried after its worker died keeps the old error file, so trust the status.
-        error = _error_text(trial_dir, state) if status == "ERROR" else None
+        error = _error_text(trial_dir, state)
+        if state.get("status"):
+            status = state["status"]
+            # A trial that Tune retried after its worker died keeps its old error file, so the status decides.
+            error = error if status == "ERROR" else None
+        else:
+            status = "ERROR" if error else ("TERMINATED" if results else "PENDING")
 
         objectives = [_finite(r.get(metric)) for r in results]
         best_index = None

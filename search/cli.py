@@ -1,4 +1,4 @@
-"""The ``lesiontune`` command line: ``search``, ``results`` and ``data`` subcommands."""
+"""The ``lesiontune`` command line: ``search``, ``results``, ``data`` and ``weights`` subcommands."""
 
 from __future__ import annotations
 
@@ -168,6 +168,17 @@ def _data_fetch(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _weights_download(args: argparse.Namespace) -> int:
+    from trainables.weights import download_weights
+
+    paths = download_weights(args.directory, backbones=args.backbones, image_size=args.image_size)
+    for path in paths:
+        print(path)
+    print(f"{len(paths)} weight files in {Path(args.directory).expanduser()}; on a machine without network, "
+          "copy that folder and pass it as --weights DIR.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesiontune", description="Hyperparameter search for melanoma classifiers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -204,6 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--limit", type=int, metavar="N", help="maximum number of images")
     fetch.add_argument("--quiet", action="store_true")
     fetch.set_defaults(handler=_data_fetch)
+
+    from trainables.backbones import BACKBONES
+
+    weights = commands.add_parser("weights", help="download backbone weights for machines without network")
+    weights_commands = weights.add_subparsers(dest="action", required=True, metavar="ACTION")
+    download = weights_commands.add_parser(
+        "download", help="download the no-top ImageNet weight files under their Keras names, for --weights DIR")
+    download.add_argument("directory", metavar="DIR")
+    download.add_argument("--backbones", nargs="+", metavar="NAME", choices=list(BACKBONES),
+                          help=f"backbones to download (default: all): {', '.join(BACKBONES)}")
+    download.add_argument("--image-size", type=int, default=224, metavar="PX",
+                          help="image size in pixels that picks the MobileNetV2 file (default 224)")
+    download.add_argument("--quiet", action="store_true")
+    download.set_defaults(handler=_weights_download)
     return parser
 
 

@@ -174,6 +174,9 @@ def _trial_setup(config: ExperimentConfig, prepared: PreparedData) -> TrialSetup
         fine_tune_learning_rate_multiplier=float(config.training["fine_tune_learning_rate_multiplier"]),
         specificity_target=float(config.training["specificity_target"]),
         sensitivity_target=float(config.training["sensitivity_target"]),
+        mixed_precision=bool(config.training["mixed_precision"]),
+        jit_compile=config.training["jit_compile"],
+        gpus_per_trial=float(config.resources["gpus_per_trial"]),
     )
 
 

@@ -9,9 +9,9 @@ A file sets any of five sections; every key is optional and defaults to the valu
                  reduction_factor: 2, seed: 0, max_concurrent_trials: null, storage_path: null, max_failures: 2,
                  points_to_evaluate: []}
     training:   {weights: none, head_epochs: 1, fine_tune_learning_rate_multiplier: 0.1,
-                 specificity_target: 0.8, sensitivity_target: 0.866}
+                 specificity_target: 0.8, sensitivity_target: 0.866, mixed_precision: false, jit_compile: auto}
     resources:  {cpus_per_trial: 1, gpus_per_trial: 0}
-    space:      {backbone: [...], balancing: [...], unfrozen_layers: {low: 0, high: 40}, ...}
+    space:      {backbone: [...], balancing: [...], unfrozen_layers: {low: 0, high: 40}, ..., smote_k: 5}
 
 In ``space`` a list is a categorical choice, a mapping ``{low, high, log}`` a range (integer when the
 parameter is an integer), and a scalar a fixed value. Every error names the key path, the value and
@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from data.balancing import DEFAULT_SMOTE_K
 from trainables import BALANCING_METHODS, OBJECTIVES
 from trainables.backbones import BACKBONES, get_backbone
 
@@ -54,7 +55,8 @@ def default_config_dict() -> dict[str, Any]:
                    "reduction_factor": 2, "seed": 0, "max_concurrent_trials": None, "storage_path": None,
                    "max_failures": 2, "points_to_evaluate": []},
         "training": {"weights": "none", "head_epochs": 1, "fine_tune_learning_rate_multiplier": 0.1,
-                     "specificity_target": 0.8, "sensitivity_target": 0.866},
+                     "specificity_target": 0.8, "sensitivity_target": 0.866, "mixed_precision": False,
+                     "jit_compile": "auto"},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
         "space": {
             "backbone": ["MobileNetV2", "EfficientNetV2B0", "ResNet50", "VGG16", "Xception", "InceptionV3"],
@@ -65,6 +67,7 @@ def default_config_dict() -> dict[str, Any]:
             "batch_size": [16, 32, 64],
             "dropout": {"low": 0.0, "high": 0.5},
             "image_size": [224],
+            "smote_k": DEFAULT_SMOTE_K,
         },
     }
 
@@ -79,6 +82,7 @@ _PARAMETER_KINDS: dict[str, tuple[type, str]] = {
     "batch_size": (int, "an integer >= 1"),
     "dropout": (float, "a number in [0, 1)"),
     "image_size": (int, "an integer number of pixels >= 32"),
+    "smote_k": (int, "an integer >= 1 (nearest minority neighbours for smote balancing)"),
 }
 
 
@@ -172,6 +176,7 @@ def _check_scalar(name: str, value: Any, key: str, source: str) -> Any:
         "batch_size": lambda v: v >= 1,
         "dropout": lambda v: 0.0 <= v < 1.0,
         "image_size": lambda v: v >= 32,
+        "smote_k": lambda v: v >= 1,
     }[name](value)
     if not ok:
         raise _fail(source, key, value, allowed)
@@ -266,6 +271,11 @@ def _validate_sections(merged: dict[str, Any], source: str) -> None:
     for name in ("specificity_target", "sensitivity_target"):
         check(f"training.{name}", training[name], _is_number(training[name]) and 0 < training[name] < 1,
               "a number in (0, 1)")
+    check("training.mixed_precision", training["mixed_precision"], isinstance(training["mixed_precision"], bool),
+          "true or false")
+    jit_compile = training["jit_compile"]
+    check("training.jit_compile", jit_compile, isinstance(jit_compile, bool) or jit_compile == "auto",
+          "auto, true or false")
     cpus, gpus = resources["cpus_per_trial"], resources["gpus_per_trial"]
     check("resources.cpus_per_trial", cpus, _is_number(cpus) and cpus > 0, "a number > 0")
     check("resources.gpus_per_trial", gpus, _is_number(gpus) and gpus >= 0, "a number >= 0 (fractions pack trials)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ from keras import layers
 
 from trainables.backbones import CAFFE_MEAN_BGR, BackboneSpec, WeightsUnavailableError, get_backbone
 
-__all__ = ["BackbonePreprocessing", "Classifier", "WeightsUnavailableError", "build_classifier", "compile_classifier",
-           "resolve_weights", "set_unfrozen_layers"]
+__all__ = ["BackbonePreprocessing", "Classifier", "GpuMemoryPlan", "WeightsUnavailableError", "build_classifier",
+           "compile_classifier", "configure_tensorflow", "gpu_total_memory_mib", "plan_gpu_memory", "resolve_weights",
+           "set_precision_policy", "set_unfrozen_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +77,9 @@ def resolve_weights(spec: BackboneSpec, weights: str, image_size: int) -> str | 
     path = folder / spec.weights_file_for(image_size)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Weights file {path.name} for {spec.name} not found in {folder}. Download it on a machine with network "
-            f"(keras.applications.{spec.constructor}(include_top=False) stores it in ~/.keras/models) and copy it there."
+            f"Weights file {path.name} for {spec.name} not found in {folder}. On a machine with network access, run "
+            f"'lesiontune weights download DIR --backbones {spec.name} --image-size {image_size}' and copy DIR's "
+            "files there."
         )
     return str(path)
 
@@ -164,7 +167,11 @@ def set_unfrozen_layers(classifier: Classifier, unfrozen_layers: int) -> int:
 
 
 def compile_classifier(classifier: Classifier, *, learning_rate: float, jit_compile: bool | str = "auto") -> None:
-    """Compile with Adam and binary cross-entropy; call again whenever trainability changes."""
+    """Compile with Adam and binary cross-entropy; call again whenever trainability changes.
+
+    ``jit_compile`` is passed to ``keras.Model.compile``: ``"auto"`` lets Keras decide, True or False
+    forces XLA compilation of the train step on or off.
+    """
     classifier.model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
@@ -172,8 +179,58 @@ def compile_classifier(classifier: Classifier, *, learning_rate: float, jit_comp
     )
 
 
-def configure_tensorflow(*, cpus: int, gpu_memory_growth: bool = True) -> None:
-    """Limit TensorFlow to the trial's CPUs and turn on GPU memory growth, before any op runs."""
+def set_precision_policy(*, mixed_precision: bool) -> None:
+    """Set the Keras global dtype policy before a model is built: ``mixed_float16`` or ``float32``.
+
+    The policy is set either way, so a worker process that runs several trials does not carry one
+    trial's policy into the next. The sigmoid head computes in float32 under both policies.
+    """
+    policy = "mixed_float16" if mixed_precision else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    logger.info("Keras dtype policy: %s", policy)
+
+
+@dataclass(frozen=True)
+class GpuMemoryPlan:
+    """GPU memory setting of a trial: ``growth``, a ``limit`` in MiB, or ``default`` (TensorFlow reserves it all)."""
+
+    mode: str
+    limit_mib: int | None = None
+
+
+def plan_gpu_memory(*, gpus_per_trial: float, total_memory_mib: int | None,
+                    memory_growth: bool = True) -> GpuMemoryPlan:
+    """Choose the GPU memory setting of a trial.
+
+    A trial with a fraction of one GPU (0 < ``gpus_per_trial`` < 1) gets that fraction of the GPU's
+    ``total_memory_mib`` as a hard limit, so trials packed on one GPU cannot take each other's memory.
+    Whole GPUs, and fractions whose GPU memory is unknown, use memory growth when ``memory_growth`` is set.
+    """
+    if 0 < gpus_per_trial < 1 and total_memory_mib:
+        return GpuMemoryPlan("limit", max(1, int(total_memory_mib * gpus_per_trial)))
+    return GpuMemoryPlan("growth") if memory_growth else GpuMemoryPlan("default")
+
+
+def gpu_total_memory_mib() -> int | None:
+    """Return the total memory in MiB of the first GPU visible to this process, from nvidia-smi, or None."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    try:
+        completed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", visible],
+            capture_output=True, text=True, timeout=30, check=True)
+        return int(completed.stdout.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as error:
+        logger.warning("Cannot read the memory of GPU %s with nvidia-smi (%s); using memory growth instead of a "
+                       "memory limit.", visible, error)
+        return None
+
+
+def configure_tensorflow(*, cpus: int, gpu_memory_growth: bool = True,
+                         gpus_per_trial: float = 0.0) -> GpuMemoryPlan | None:
+    """Limit TensorFlow to the trial's CPUs and configure GPU memory, before any op runs.
+
+    Returns the GPU memory plan that was applied, or None when TensorFlow finds no GPU.
+    """
     import tensorflow as tf
 
     try:
@@ -181,11 +238,26 @@ def configure_tensorflow(*, cpus: int, gpu_memory_growth: bool = True) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, cpus)))
     except RuntimeError:
         logger.debug("TensorFlow was already initialised in this process; thread limits unchanged.")
-    if gpu_memory_growth:
-        for gpu in tf.config.list_physical_devices("GPU"):
-            try:
+    gpus = tf.config.list_physical_devices("GPU")
+    logger.debug("TensorFlow sees GPUs %s (CUDA_VISIBLE_DEVICES=%s)", gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if not gpus:
+        return None
+
+    fractional = 0 < gpus_per_trial < 1
+    total_memory_mib = gpu_total_memory_mib() if fractional else None
+    plan = plan_gpu_memory(gpus_per_trial=gpus_per_trial, total_memory_mib=total_memory_mib,
+                           memory_growth=gpu_memory_growth)
+    # NOTE: this branch has run only with TensorFlow mocked, because the test machine has no GPU. The limit
+    # covers TensorFlow's allocator only, so the CUDA context of each packed trial comes on top of its share.
+    for gpu in gpus:
+        try:
+            if plan.mode == "limit":
+                tf.config.set_logical_device_configuration(
+                    gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=plan.limit_mib)])
+            elif plan.mode == "growth":
                 tf.config.experimental.set_memory_growth(gpu, True)
-            except RuntimeError:
-                logger.debug("GPU %s was already initialised; memory growth unchanged.", gpu.name)
-    logger.debug("TensorFlow sees GPUs %s (CUDA_VISIBLE_DEVICES=%s)", tf.config.list_physical_devices("GPU"),
-                 os.environ.get("CUDA_VISIBLE_DEVICES"))
+        except RuntimeError:
+            logger.debug("GPU %s was already initialised; memory settings unchanged.", gpu.name)
+    logger.info("GPU memory: %s%s for %s GPUs per trial", plan.mode,
+                f" of {plan.limit_mib} MiB" if plan.limit_mib else "", gpus_per_trial)
+    return plan

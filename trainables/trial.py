@@ -18,13 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HYPERPARAMETERS", "TrialDivergedError", "TrialNotRetriedError", "TrialSetup", "train_classifier"]
+__all__ = ["HYPERPARAMETERS", "OPTIONAL_HYPERPARAMETERS", "TrialDivergedError", "TrialNotRetriedError", "TrialSetup",
+           "train_classifier"]
 
 logger = logging.getLogger(__name__)
 
 HYPERPARAMETERS = ("backbone", "balancing", "unfrozen_layers", "augmentation_intensity", "learning_rate",
                    "batch_size", "dropout", "image_size")
 """Keys of a trial's config; every one is required."""
+
+OPTIONAL_HYPERPARAMETERS = {"smote_k": 5}
+"""Keys a trial's config may omit, with their defaults. ``smote_k`` only matters for ``smote`` balancing."""
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
@@ -57,6 +61,9 @@ class TrialSetup:
     fine_tune_learning_rate_multiplier: float = 0.1
     specificity_target: float = 0.8
     sensitivity_target: float = 0.866
+    mixed_precision: bool = False  # compute in float16 with float32 weights (Keras "mixed_float16" policy)
+    jit_compile: bool | str = "auto"  # XLA compilation of the train step: "auto", True or False
+    gpus_per_trial: float = 0.0  # GPUs that Ray reserves for the trial. A fraction below 1 caps its GPU memory.
 
     @property
     def metric(self) -> str:
@@ -83,8 +90,9 @@ def _load_inputs(setup: TrialSetup, config: dict):
     cache = open_image_cache(setup.cache_paths.get(size) or setup.cache_paths[str(size)])
     train = manifest[manifest["split"] == "train"]
     validation = manifest[manifest["split"] == "validation"]
+    smote_k = int(config.get("smote_k", OPTIONAL_HYPERPARAMETERS["smote_k"]))
     balanced = balance_rows(train["cache_row"].to_numpy(), train["label"].to_numpy(),
-                            method=config["balancing"], seed=setup.seed)
+                            method=config["balancing"], seed=setup.seed, images=cache.images, smote_k=smote_k)
     return cache.images, balanced, validation["cache_row"].to_numpy(), validation["label"].to_numpy()
 
 
@@ -141,10 +149,11 @@ def _train(config: dict, setup: TrialSetup) -> None:
     from data.pipeline import make_dataset
     from trainables.metrics import evaluate_scores
     from trainables.model import (Classifier, build_classifier, compile_classifier, configure_tensorflow,
-                                  set_unfrozen_layers)
+                                  set_precision_policy, set_unfrozen_layers)
 
     _check_config(config)
-    configure_tensorflow(cpus=setup.cpus_per_trial)
+    configure_tensorflow(cpus=setup.cpus_per_trial, gpus_per_trial=setup.gpus_per_trial)
+    set_precision_policy(mixed_precision=setup.mixed_precision)
     images, balanced, validation_rows, validation_labels = _load_inputs(setup, config)
     size, batch_size = int(config["image_size"]), int(config["batch_size"])
     learning_rate, unfrozen = float(config["learning_rate"]), int(config["unfrozen_layers"])
@@ -152,7 +161,8 @@ def _train(config: dict, setup: TrialSetup) -> None:
     augmentation = build_augmentation(float(config["augmentation_intensity"]), image_size=size)
     train_data = make_dataset(images, balanced.rows, balanced.labels, batch_size=batch_size,
                               augmentation=augmentation, shuffle=True, seed=setup.seed,
-                              sample_weights=balanced.sample_weights)
+                              sample_weights=balanced.sample_weights, partner_rows=balanced.partner_rows,
+                              blend_weights=balanced.blend_weights)
     validation_data = make_dataset(images, validation_rows, validation_labels.astype(np.float32),
                                    batch_size=batch_size)
 
@@ -178,7 +188,7 @@ def _train(config: dict, setup: TrialSetup) -> None:
             rate = learning_rate
             if classifier.pretrained and not head_only and unfrozen != 0 and setup.head_epochs > 0:
                 rate = learning_rate * setup.fine_tune_learning_rate_multiplier
-            compile_classifier(classifier, learning_rate=rate)
+            compile_classifier(classifier, learning_rate=rate, jit_compile=setup.jit_compile)
             phase = next_phase
             logger.info("Epoch %d: %s phase, %d backbone weight layers trainable, learning rate %.3g",
                         epoch + 1, phase, trainable_layers, rate)

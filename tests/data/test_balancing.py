@@ -1,5 +1,7 @@
 """Tests for balancing the training rows."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -42,3 +44,74 @@ def test_balance_rows_oversample_repeats_rows():
 def test_balance_rows_unknown_method():
     with pytest.raises(ValueError, match="Invalid balancing method 'smote2'"):
         balance_rows(ROWS, LABELS, method="smote2")
+
+
+def _clustered_images(path, *, clusters: int, per_cluster: int, majority: int, size: int = 32):
+    """Write a memmap whose minority images form tight clusters far apart; return (images, rows, labels).
+
+    Minority image j of cluster c has pixels 60 * c plus noise in [0, 4], so its nearest minority neighbours
+    are the other images of its cluster. Majority images follow the minority ones.
+    """
+    count = clusters * per_cluster + majority
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, size, size, 3))
+    rng = np.random.default_rng(0)
+    for row in range(clusters * per_cluster):
+        images[row] = 60 * (row // per_cluster) + rng.integers(0, 5, (size, size, 3))
+    images[clusters * per_cluster:] = rng.integers(0, 256, (majority, size, size, 3))
+    images.flush()
+    labels = np.array([1] * (clusters * per_cluster) + [0] * majority)
+    return np.load(path, mmap_mode="r"), np.arange(count), labels
+
+
+def test_balance_rows_smote_one_to_one(tmp_path):
+    images, rows, labels = _clustered_images(tmp_path / "images.npy", clusters=4, per_cluster=4, majority=40)
+    result = balance_rows(rows, labels, method="smote", images=images, smote_k=3, seed=2)
+    assert result.num_synthetic == 40 - 16
+    assert len(result.rows) == 80
+    assert result.labels.sum() == 40
+    assert np.array_equal(result.rows[:56], rows)
+    assert np.array_equal(result.partner_rows[:56], rows)
+    assert np.all(result.blend_weights[:56] == 0)
+
+
+def test_balance_rows_smote_pairs_are_minority_neighbours(tmp_path):
+    images, rows, labels = _clustered_images(tmp_path / "images.npy", clusters=4, per_cluster=4, majority=40)
+    result = balance_rows(rows, labels, method="smote", images=images, smote_k=3, seed=2)
+    first, second = result.rows[56:], result.partner_rows[56:]
+    weights = result.blend_weights[56:]
+    assert np.all(labels[first] == 1)
+    assert np.all(labels[second] == 1)
+    assert np.all(first != second)
+    assert np.array_equal(first // 4, second // 4)
+    assert np.all((weights >= 0) & (weights <= 1))
+    assert np.all(result.labels[56:] == 1)
+
+
+def test_balance_rows_smote_reads_no_full_copy(tmp_path):
+    images, rows, labels = _clustered_images(tmp_path / "images.npy", clusters=5, per_cluster=10, majority=1950,
+                                             size=64)
+    tracemalloc.start()
+    try:
+        result = balance_rows(rows, labels, method="smote", images=images, seed=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.num_synthetic == 1900
+    assert peak < images.nbytes / 10
+
+
+def test_balance_rows_smote_needs_images():
+    with pytest.raises(ValueError, match="smote balancing needs the image cache"):
+        balance_rows(ROWS, LABELS, method="smote")
+
+
+def test_balance_rows_smote_single_minority_image(tmp_path):
+    images, rows, labels = _clustered_images(tmp_path / "images.npy", clusters=1, per_cluster=1, majority=5)
+    with pytest.raises(ValueError, match="needs at least 2 training images of class 1, got 1"):
+        balance_rows(rows, labels, method="smote", images=images)
+
+
+def test_balance_rows_smote_invalid_k(tmp_path):
+    images, rows, labels = _clustered_images(tmp_path / "images.npy", clusters=2, per_cluster=2, majority=5)
+    with pytest.raises(ValueError, match="Invalid smote_k 0"):
+        balance_rows(rows, labels, method="smote", images=images, smote_k=0)

@@ -233,3 +233,32 @@ def test_make_dataset_rejects_invalid_types():
         make_dataset(images, np.arange(4), np.zeros(4), batch_size=2, augmentation=lambda image: image)
     with pytest.raises(TypeError, match="batch_size must be an integer"):
         make_dataset(images, np.arange(4), np.zeros(4), batch_size=2.0)
+
+
+def test_make_dataset_blends_smote_pairs():
+    images = np.random.default_rng(3).integers(0, 256, size=(10, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    rows = np.array([0, 1, 2, 3])
+    partners = np.array([0, 5, 7, 9])
+    weights = np.array([0.0, 0.25, 1.0, 0.6], dtype=np.float32)
+
+    x, _ = _epoch(make_dataset(images, rows, np.ones(4), batch_size=3, partner_rows=partners, blend_weights=weights))
+
+    blend = (1 - weights[:, None, None, None]) * images[rows].astype(np.float32) + \
+        weights[:, None, None, None] * images[partners].astype(np.float32)
+    expected = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(x, expected.astype(np.float32))
+    np.testing.assert_array_equal(x[0], images[0].astype(np.float32))
+    np.testing.assert_array_equal(x[2], images[7].astype(np.float32))
+
+
+@pytest.mark.parametrize("partners,weights,message", [
+    (np.array([0, 1]), None, "partner_rows and blend_weights must be given together"),
+    (np.array([0, 1, 2]), np.array([0.0, 0.5]), r"partner_rows must have shape \(2,\)"),
+    (np.array([0, 1]), np.array([0.0, 1.5]), r"blend_weights must be in \[0, 1\], got 1.5 at position 1"),
+    (np.array([0, 99]), np.array([0.0, 0.5]), r"rows must be in \[0, 9\]"),
+])
+def test_make_dataset_invalid_blend(partners, weights, message):
+    images = _row_coded_images(10)
+    with pytest.raises(ValueError, match=message):
+        make_dataset(images, np.array([0, 1]), np.ones(2), batch_size=2, partner_rows=partners,
+                     blend_weights=weights)

@@ -113,3 +113,34 @@ def test_load_config_points_outside_space(tmp_path, point, message):
     path = _write(tmp_path, f"space: {{backbone: [ResNet50]}}\nsearch: {{points_to_evaluate: [{point}]}}\n")
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_load_config_smote_k_default_and_range(tmp_path):
+    assert load_config().space["smote_k"].values == (5,)
+    assert "smote" in load_config().space["balancing"].values
+    config = load_config(_write(tmp_path, "space: {balancing: smote, smote_k: {low: 3, high: 9}}\n"))
+    assert (config.space["smote_k"].kind, config.space["smote_k"].low, config.space["smote_k"].high) == ("range", 3, 9)
+    assert config.space["smote_k"].is_integer
+
+
+def test_load_config_gpu_training_defaults():
+    training = load_config().training
+    assert training["mixed_precision"] is False
+    assert training["jit_compile"] == "auto"
+
+
+def test_load_config_gpu_training_settings(tmp_path):
+    config = load_config(_write(tmp_path, "training: {mixed_precision: true, jit_compile: false}\n"))
+    assert config.training["mixed_precision"] is True
+    assert config.training["jit_compile"] is False
+
+
+@pytest.mark.parametrize("text,message", [
+    ("space: {smote_k: 0}\n", r"invalid value 0 for space.smote_k: expected an integer >= 1"),
+    ("training: {mixed_precision: yes please}\n", r"invalid value 'yes please' for training.mixed_precision: expected true"),
+    ("training: {jit_compile: xla}\n", r"invalid value 'xla' for training.jit_compile: expected auto, true or false"),
+    ("training: {jit_compile: 1}\n", r"invalid value 1 for training.jit_compile"),
+])
+def test_load_config_gpu_and_smote_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from trainables.backbones import BACKBONES, WeightsUnavailableError
-from trainables.model import (BackbonePreprocessing, build_classifier, compile_classifier, resolve_weights,
-                              set_unfrozen_layers)
+from trainables.model import (BackbonePreprocessing, GpuMemoryPlan, build_classifier, compile_classifier,
+                              configure_tensorflow, gpu_total_memory_mib, plan_gpu_memory, resolve_weights,
+                              set_precision_policy, set_unfrozen_layers)
 
 PIXELS = np.array([[[[0.0, 127.5, 255.0]]]], dtype=np.float32)  # (1, 1, 1, 3) RGB in [0, 255]
 
@@ -122,3 +123,66 @@ def test_image_size_below_minimum():
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="Unknown backbone 'ResNet5'"):
         build_classifier(backbone="ResNet5", image_size=64)
+
+
+@pytest.mark.parametrize("gpus,total,growth,expected", [
+    (0.5, 16000, True, GpuMemoryPlan("limit", 8000)),
+    (0.25, 81559, True, GpuMemoryPlan("limit", 20389)),
+    (1, 16000, True, GpuMemoryPlan("growth")),
+    (2, 16000, True, GpuMemoryPlan("growth")),
+    (0.5, None, True, GpuMemoryPlan("growth")),
+    (0, None, False, GpuMemoryPlan("default")),
+])
+def test_plan_gpu_memory_fraction_limits(gpus, total, growth, expected):
+    assert plan_gpu_memory(gpus_per_trial=gpus, total_memory_mib=total, memory_growth=growth) == expected
+
+
+class _FakeGpu:
+    name = "/physical_device:GPU:0"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Make TensorFlow report one GPU and record the memory settings applied to it."""
+    import tensorflow as tf
+
+    calls = []
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [_FakeGpu()] if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", lambda gpu, on: calls.append(("growth", on)))
+    monkeypatch.setattr(tf.config, "set_logical_device_configuration",
+                        lambda gpu, configs: calls.append(("limit", configs[0].memory_limit)))
+    monkeypatch.setattr("trainables.model.gpu_total_memory_mib", lambda: 16000)
+    return calls
+
+
+def test_configure_tensorflow_fractional_gpu_limit(fake_gpu):
+    plan = configure_tensorflow(cpus=1, gpus_per_trial=0.5)
+    assert plan == GpuMemoryPlan("limit", 8000)
+    assert fake_gpu == [("limit", 8000)]
+
+
+def test_configure_tensorflow_whole_gpu_growth(fake_gpu):
+    plan = configure_tensorflow(cpus=1, gpus_per_trial=1)
+    assert plan == GpuMemoryPlan("growth")
+    assert fake_gpu == [("growth", True)]
+
+
+def test_configure_tensorflow_without_gpu():
+    assert configure_tensorflow(cpus=1, gpus_per_trial=0.5) is None
+
+
+def test_gpu_total_memory_without_nvidia_smi(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    assert gpu_total_memory_mib() is None
+
+
+def test_set_precision_policy_mixed_head_float32():
+    try:
+        set_precision_policy(mixed_precision=True)
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"
+        classifier = build_classifier(backbone="MobileNetV2", image_size=32)
+        assert classifier.model.layers[-1].dtype_policy.compute_dtype == "float32"
+        assert classifier.model.output.dtype == "float32"
+    finally:
+        set_precision_policy(mixed_precision=False)
+    assert keras.mixed_precision.global_policy().name == "float32"

@@ -123,3 +123,30 @@ def test_train_classifier_missing_key(session, setup):
     with pytest.raises(ValueError, match="Trial config is missing dropout"):
         train_classifier(config, setup)
     assert (session.trial_dir / trial_module.FATAL_ERROR_FILE).is_file()
+
+
+def test_train_classifier_smote_mixed_precision(session, setup, monkeypatch):
+    import keras
+
+    from trainables import model as model_module
+
+    seen = {}
+    original_compile, original_build = model_module.compile_classifier, model_module.build_classifier
+
+    def recording_compile(classifier, *, learning_rate, jit_compile="auto"):
+        seen["jit_compile"] = jit_compile
+        original_compile(classifier, learning_rate=learning_rate, jit_compile=jit_compile)
+
+    def recording_build(**kwargs):
+        seen["policy"] = keras.mixed_precision.global_policy().name
+        return original_build(**kwargs)
+
+    monkeypatch.setattr(model_module, "compile_classifier", recording_compile)
+    monkeypatch.setattr(model_module, "build_classifier", recording_build)
+    gpu_setup = TrialSetup(**{**setup.__dict__, "max_epochs": 1, "mixed_precision": True, "jit_compile": False})
+    try:
+        train_classifier({**CONFIG, "balancing": "smote", "smote_k": 2}, gpu_setup)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert seen == {"jit_compile": False, "policy": "mixed_float16"}
+    assert [r["epoch"] for r in session.reports] == [1]
