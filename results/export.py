@@ -53,8 +53,11 @@ TRIAL_SCHEMA = pa.schema([
     pa.field("best_epoch", pa.int64()),
     pa.field("epochs_run", pa.int64()),
     pa.field("stopped_early", pa.bool_()),
+    pa.field("stop_reason", pa.string()),  # max_epochs, asha, error, or the Tune status of an unfinished trial
     *[pa.field(f"best_{name}", pa.float64()) for name in METRIC_COLUMNS],
     pa.field("wall_seconds", pa.float64()),
+    pa.field("cpus_per_trial", pa.float64()),
+    pa.field("gpus_per_trial", pa.float64()),
     pa.field("error", pa.string()),
 ])
 
@@ -123,6 +126,14 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _stop_reason(status: str, epochs_run: int, max_epochs: int) -> str:
+    if status == "ERROR":
+        return "error"
+    if status != "TERMINATED":
+        return status.lower()
+    return "asha" if 0 < epochs_run < max_epochs else "max_epochs"
+
+
 def _trial_dirs(run_dir: Path) -> list[Path]:
     return sorted(p.parent for p in run_dir.glob("*/params.json"))
 
@@ -165,8 +176,11 @@ def export_run(run_dir: str | os.PathLike) -> pd.DataFrame:
             "best_epoch": int(best["epoch"]) if best else None,
             "epochs_run": epochs_run,
             "stopped_early": bool(status == "TERMINATED" and 0 < epochs_run < max_epochs),
+            "stop_reason": _stop_reason(status, epochs_run, max_epochs),
             **{f"best_{name}": _finite(best.get(name)) for name in METRIC_COLUMNS},
             "wall_seconds": _finite(results[-1].get("time_total_s")) if results else None,
+            "cpus_per_trial": float(config["resources"]["cpus_per_trial"]),
+            "gpus_per_trial": float(config["resources"]["gpus_per_trial"]),
             "error": error,
         }
         trial_rows.append(row)

@@ -107,6 +107,7 @@ def _run_search_command(args: argparse.Namespace) -> int:
     from search.driver import run_search
 
     outcome = run_search(config, address=args.address, progress=not args.quiet)
+    _print_data_summary(outcome.run_dir)
     _print_leaderboard(outcome.trials, outcome.metric)
     print(f"\nResults: {outcome.run_dir / 'trials.parquet'} and {outcome.run_dir / 'epochs.parquet'}")
     return _search_status(outcome.trials)
@@ -120,6 +121,15 @@ def _search_status(trials) -> int:
         print(f"lesiontune: error: all {len(trials)} trials failed; the first error: {first}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_data_summary(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "data_summary.json").read_text(encoding="utf-8"))
+    reasons = ", ".join(f"{count} {reason}" for reason, count in summary["excluded_by_reason"].items()) or "none"
+    splits = ", ".join(f"{name} {values['images']} ({values['positive']} positive)"
+                       for name, values in summary["splits"].items())
+    print(f"Data: {summary['images']} images, {summary['positive']} positive ({summary['positive_class']}), "
+          f"{summary['groups']} groups; excluded {summary['excluded']} ({reasons}); split: {splits}")
 
 
 def _print_dry_run(config) -> None:

@@ -2,8 +2,9 @@
 
 The run folder is Tune's experiment folder (``STORAGE_PATH/NAME``). Besides Tune's own files it contains
 ``lesiontune_config.yaml`` (the resolved experiment), ``manifest.parquet`` (the split every trial
-uses), ``data_summary.json`` and ``exclusions.parquet`` (what was left out and why), and after the
-search ``trials.parquet`` and ``epochs.parquet``.
+uses), ``data_summary.json`` with ``data_report.parquet`` (counts per class, exclusion reason, duplicate
+kind and split), ``exclusions.parquet`` and ``duplicates.parquet``, and after the search ``trials.parquet``
+and ``epochs.parquet``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import yaml
 
 from data.cache import build_image_cache
@@ -42,6 +44,7 @@ CONFIG_FILE = "lesiontune_config.yaml"
 MANIFEST_FILE = "manifest.parquet"
 SUMMARY_FILE = "data_summary.json"
 EXCLUSIONS_FILE = "exclusions.parquet"
+DATA_REPORT_FILE = "data_report.parquet"
 DUPLICATES_FILE = "duplicates.parquet"
 KERAS_WEIGHTS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
@@ -123,7 +126,25 @@ def prepare_data(config: ExperimentConfig, run_dir: Path, *, progress: bool = Tr
     summary["duplicates"] = {kind: int((duplicates["kind"] == kind).sum()) for kind in ("exact", "near")}
     summary["cache_paths"] = {str(k): v for k, v in cache_paths.items()}
     write_json_atomic(summary, run_dir / SUMMARY_FILE)
+    write_parquet_atomic(_data_report_table(summary), run_dir / DATA_REPORT_FILE)
     return PreparedData(manifest_path=manifest_path, cache_paths=cache_paths, summary=summary)
+
+
+def _data_report_table(summary: dict) -> pa.Table:
+    """Flatten the data summary into one typed table: a row per class, exclusion reason, duplicate kind and split."""
+    rows = [
+        {"section": "class", "name": "positive", "images": summary["positive"], "positive": summary["positive"],
+         "groups": summary.get("positive_groups")},
+        {"section": "class", "name": "negative", "images": summary["negative"], "positive": 0, "groups": None},
+        *({"section": "exclusion", "name": reason, "images": count, "positive": None, "groups": None}
+          for reason, count in summary["excluded_by_reason"].items()),
+        *({"section": "duplicates", "name": kind, "images": count, "positive": None, "groups": None}
+          for kind, count in summary["duplicates"].items()),
+        *({"section": "split", "name": name, **values} for name, values in summary["splits"].items()),
+    ]
+    schema = pa.schema([("section", pa.string()), ("name", pa.string()), ("images", pa.int64()),
+                        ("positive", pa.int64()), ("groups", pa.int64())])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def check_imagenet_weights(backbones: list[str], image_sizes: list[int], *, origin: str = KERAS_WEIGHTS_ORIGIN,
@@ -253,6 +274,10 @@ def run_search(config: ExperimentConfig, *, address: str | None = None, progress
                          "or choose another --name.")
     run_dir.mkdir(parents=True, exist_ok=True)
     config.search["name"], config.search["storage_path"] = name, str(storage_path)
+    # Absolute paths let the run be repeated from its saved config wherever the command starts.
+    config.data["path"] = str(Path(config.data["path"]).expanduser().resolve())
+    if config.data["cache_dir"]:
+        config.data["cache_dir"] = str(Path(config.data["cache_dir"]).expanduser().resolve())
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     logger.info("Experiment %s in %s:\n%s", name, run_dir, yaml.safe_dump(config.to_dict(), sort_keys=False))
 

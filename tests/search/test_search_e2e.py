@@ -46,6 +46,12 @@ def test_search_isic_cc0_smoke(tmp_path):
     assert trials["best_objective"].between(0, 0.2).all()
     assert "Top 8 of 8 trials by val_pauc80" in completed.stdout
 
+    report = pd.read_parquet(run / "data_report.parquet")
+    splits = report[report["section"] == "split"].set_index("name")
+    assert splits["images"].sum() == 550
+    assert report.loc[(report["section"] == "class") & (report["name"] == "positive"), "images"].item() == 153
+    assert "Data: 550 images, 153 positive (melanoma)" in completed.stdout
+
     epochs = pd.read_parquet(run / "epochs.parquet")
     assert len(epochs) == trials["epochs_run"].sum()
     assert (run / "lesiontune_config.yaml").is_file()
