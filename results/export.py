@@ -34,13 +34,15 @@ METRIC_COLUMNS = ("val_auc", "val_pauc80", "val_average_precision", "val_sensiti
 _HYPERPARAMETER_FIELDS = [
     pa.field("backbone", pa.string()),
     pa.field("balancing", pa.string()),
-    pa.field("unfrozen_layers", pa.int64()),
+    pa.field("unfrozen_layers", pa.int64()),  # null when unfrozen_fraction sets the depth
+    pa.field("unfrozen_fraction", pa.float64()),  # null when not searched
     pa.field("augmentation_intensity", pa.float64()),
     pa.field("learning_rate", pa.float64()),
     pa.field("batch_size", pa.int64()),
     pa.field("dropout", pa.float64()),
     pa.field("image_size", pa.int64()),
     pa.field("smote_k", pa.int64()),  # null in runs made before smote_k existed
+    pa.field("fine_tune_lr_multiplier", pa.float64()),  # null when not searched
 ]
 
 TRIAL_SCHEMA = pa.schema([

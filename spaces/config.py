@@ -11,11 +11,13 @@ A file sets any of five sections; every key is optional and defaults to the valu
     training:   {weights: none, head_epochs: 1, fine_tune_learning_rate_multiplier: 0.1,
                  specificity_target: 0.8, sensitivity_target: 0.866, mixed_precision: false, jit_compile: auto}
     resources:  {cpus_per_trial: 1, gpus_per_trial: 0}
-    space:      {backbone: [...], balancing: [...], unfrozen_layers: {low: 0, high: 40}, ..., smote_k: 5}
+    space:      {backbone: [...], balancing: [...], unfrozen_layers: {low: 0, high: 40}, ..., smote_k: 5,
+                 unfrozen_fraction: null, fine_tune_lr_multiplier: null}
 
 In ``space`` a list is a categorical choice, a mapping ``{low, high, log}`` a range (integer when the
 parameter is an integer), and a scalar a fixed value. Every error names the key path, the value and
-what is allowed.
+what is allowed. A ``null`` optional parameter (``unfrozen_fraction``, ``fine_tune_lr_multiplier``) is
+not searched and is absent from the resolved space.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def default_config_dict() -> dict[str, Any]:
             "dropout": {"low": 0.0, "high": 0.5},
             "image_size": [224],
             "smote_k": DEFAULT_SMOTE_K,
+            "unfrozen_fraction": None,
+            "fine_tune_lr_multiplier": None,
         },
     }
 
@@ -83,7 +87,12 @@ _PARAMETER_KINDS: dict[str, tuple[type, str]] = {
     "dropout": (float, "a number in [0, 1)"),
     "image_size": (int, "an integer number of pixels >= 32"),
     "smote_k": (int, "an integer >= 1 (nearest minority neighbours for smote balancing)"),
+    "unfrozen_fraction": (float, "a number in [0, 1] (share of the backbone's weight layers that train)"),
+    "fine_tune_lr_multiplier": (float, "a number in (0, 1] (learning-rate factor after the head phase)"),
 }
+
+# Parameters that may be null in the YAML; a null one is left out of the space.
+_OPTIONAL_PARAMETERS = ("unfrozen_fraction", "fine_tune_lr_multiplier")
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,8 @@ def _check_scalar(name: str, value: Any, key: str, source: str) -> Any:
         "dropout": lambda v: 0.0 <= v < 1.0,
         "image_size": lambda v: v >= 32,
         "smote_k": lambda v: v >= 1,
+        "unfrozen_fraction": lambda v: 0.0 <= v <= 1.0,
+        "fine_tune_lr_multiplier": lambda v: 0.0 < v <= 1.0,
     }[name](value)
     if not ok:
         raise _fail(source, key, value, allowed)
@@ -289,6 +300,8 @@ def _check_backbone_sizes(space: dict[str, Parameter], source: str) -> None:
         if smallest < spec.min_image_size:
             raise ConfigError(f"{source}: image size {smallest} px in space.image_size is below {name}'s minimum of "
                               f"{spec.min_image_size} px. Raise the image size or drop {name} from space.backbone.")
+    if "unfrozen_layers" not in space:
+        return
     depth = space["unfrozen_layers"]
     deepest = max(get_backbone(n).weight_layers for n in space["backbone"].candidates())
     if max(depth.candidates()) > deepest:
@@ -323,6 +336,8 @@ def _check_points(points: Any, space: dict[str, Parameter], source: str) -> list
 
 def _fit_default_depth(merged: dict[str, Any]) -> None:
     """Cap the default unfrozen-depth range at the deepest chosen backbone, so defaults are always valid."""
+    if "unfrozen_layers" not in merged["space"]:
+        return
     if merged["space"]["unfrozen_layers"] != default_config_dict()["space"]["unfrozen_layers"]:
         return
     backbones = merged["space"]["backbone"]
@@ -330,6 +345,33 @@ def _fit_default_depth(merged: dict[str, Any]) -> None:
     known = [BACKBONES[n].weight_layers for n in names if n in BACKBONES]
     if known:
         merged["space"]["unfrozen_layers"] = {"low": 0, "high": min(40, max(known))}
+
+
+def _space_keys(settings: Mapping[str, Any]) -> set[str]:
+    """Return the space parameters that a YAML file or the command line sets, including those set to null."""
+    space = settings.get("space")
+    return set(space) if isinstance(space, Mapping) else set()
+
+
+def _choose_depth_parameter(merged: dict[str, Any], explicit: set[str], source: str) -> None:
+    """Drop ``unfrozen_layers`` from the space when ``unfrozen_fraction`` sets the depth instead."""
+    if merged["space"]["unfrozen_fraction"] is None:
+        return
+    if "unfrozen_layers" in explicit:
+        raise ConfigError(f"{source}: space.unfrozen_layers and space.unfrozen_fraction are both set, but both choose "
+                          "how many backbone layers train. Remove one of them.")
+    del merged["space"]["unfrozen_layers"]
+
+
+def _fix_depth_for_scratch(space: dict[str, Parameter]) -> None:
+    """Fix the unfrozen depth to every layer, because a network trained from scratch trains every layer.
+
+    A searched depth would only add noise to the search.
+    """
+    everything = {"unfrozen_layers": -1, "unfrozen_fraction": 1.0}
+    for name, value in everything.items():
+        if name in space and space[name] != Parameter(name, "fixed", (value,)):
+            space[name] = Parameter(name, "fixed", (value,))
 
 
 def load_config(path: str | os.PathLike | None = None, *, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -340,6 +382,7 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: Mapping[str
         overrides: nested settings from the command line, in the same format; they win over the file.
     """
     merged = default_config_dict()
+    explicit: set[str] = set()
     if path is not None:
         source = str(path)
         try:
@@ -356,17 +399,20 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: Mapping[str
         if version != CONFIG_VERSION:
             raise ConfigError(f"{path}: unsupported version {version!r}; this lesiontune reads version {CONFIG_VERSION}.")
         merged = _merge(merged, loaded, source)
+        explicit |= _space_keys(loaded)
     if overrides:
         merged = _merge(merged, overrides, "command line")
+        explicit |= _space_keys(overrides)
 
     source = str(path) if path is not None else "command line"
     _validate_sections(merged, source)
+    _choose_depth_parameter(merged, explicit, source)
     _fit_default_depth(merged)
-    space = {name: _parse_parameter(name, merged["space"].get(name), source) for name in _PARAMETER_KINDS}
+    space = {name: _parse_parameter(name, merged["space"][name], source) for name in _PARAMETER_KINDS
+             if name in merged["space"] and not (name in _OPTIONAL_PARAMETERS and merged["space"][name] is None)}
     _check_backbone_sizes(space, source)
-    if merged["training"]["weights"] == "none" and space["unfrozen_layers"] != Parameter("unfrozen_layers", "fixed", (-1,)):
-        # From scratch every layer trains, so a searched depth would only add noise to the search.
-        space["unfrozen_layers"] = Parameter("unfrozen_layers", "fixed", (-1,))
+    if merged["training"]["weights"] == "none":
+        _fix_depth_for_scratch(space)
     merged["search"]["points_to_evaluate"] = _check_points(merged["search"]["points_to_evaluate"], space, source)
     return ExperimentConfig(data=merged["data"], search=merged["search"], training=merged["training"],
                             resources=merged["resources"], space=space)

@@ -18,17 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HYPERPARAMETERS", "OPTIONAL_HYPERPARAMETERS", "TrialDivergedError", "TrialNotRetriedError", "TrialSetup",
+__all__ = ["DEPTH_HYPERPARAMETERS", "HYPERPARAMETERS", "OPTIONAL_HYPERPARAMETERS", "TrialDivergedError", "TrialNotRetriedError", "TrialSetup",
            "train_classifier"]
 
 logger = logging.getLogger(__name__)
 
-HYPERPARAMETERS = ("backbone", "balancing", "unfrozen_layers", "augmentation_intensity", "learning_rate",
-                   "batch_size", "dropout", "image_size")
+HYPERPARAMETERS = ("backbone", "balancing", "augmentation_intensity", "learning_rate", "batch_size", "dropout",
+                   "image_size")
 """Keys of a trial's config; every one is required."""
 
-OPTIONAL_HYPERPARAMETERS = {"smote_k": 5}
-"""Keys a trial's config may omit, with their defaults. ``smote_k`` only matters for ``smote`` balancing."""
+DEPTH_HYPERPARAMETERS = ("unfrozen_layers", "unfrozen_fraction")
+"""Keys that set how many backbone weight layers train: a config has exactly one of them."""
+
+OPTIONAL_HYPERPARAMETERS = {"smote_k": 5, "fine_tune_lr_multiplier": None}
+"""Keys a trial's config may omit, with their defaults. ``smote_k`` only matters for ``smote`` balancing.
+``fine_tune_lr_multiplier`` replaces ``TrialSetup.fine_tune_learning_rate_multiplier`` when it is not None."""
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
@@ -75,6 +79,26 @@ def _check_config(config: dict) -> None:
     missing = [key for key in HYPERPARAMETERS if key not in config]
     if missing:
         raise ValueError(f"Trial config is missing {', '.join(missing)}; it has {', '.join(sorted(config))}.")
+    depth_keys = [key for key in DEPTH_HYPERPARAMETERS if key in config]
+    if len(depth_keys) != 1:
+        raise ValueError(f"Invalid trial config: it sets {len(depth_keys)} of unfrozen_layers and unfrozen_fraction, "
+                         "but needs exactly one of them.")
+
+
+def _unfrozen_depth(config: dict, weight_layers: int) -> int:
+    """Return the number of top weight layers to train: -1 for every layer, 0 for a frozen backbone.
+
+    ``unfrozen_fraction`` in [0, 1] is rounded to whole layers with Python's ``round`` (halves go to the
+    even number), so 0.5 of MobileNetV2's 52 weight layers is 26.
+    """
+    if "unfrozen_fraction" in config:
+        return round(float(config["unfrozen_fraction"]) * weight_layers)
+    return int(config["unfrozen_layers"])
+
+
+def _fine_tune_multiplier(config: dict, setup: TrialSetup) -> float:
+    searched = config.get("fine_tune_lr_multiplier", OPTIONAL_HYPERPARAMETERS["fine_tune_lr_multiplier"])
+    return setup.fine_tune_learning_rate_multiplier if searched is None else float(searched)
 
 
 def _load_inputs(setup: TrialSetup, config: dict):
@@ -156,7 +180,7 @@ def _train(config: dict, setup: TrialSetup) -> None:
     set_precision_policy(mixed_precision=setup.mixed_precision)
     images, balanced, validation_rows, validation_labels = _load_inputs(setup, config)
     size, batch_size = int(config["image_size"]), int(config["batch_size"])
-    learning_rate, unfrozen = float(config["learning_rate"]), int(config["unfrozen_layers"])
+    learning_rate = float(config["learning_rate"])
 
     augmentation = build_augmentation(float(config["augmentation_intensity"]), image_size=size)
     train_data = make_dataset(images, balanced.rows, balanced.labels, batch_size=batch_size,
@@ -168,6 +192,7 @@ def _train(config: dict, setup: TrialSetup) -> None:
 
     classifier = build_classifier(backbone=config["backbone"], image_size=size, weights=setup.weights,
                                   dropout=float(config["dropout"]), seed=setup.seed)
+    unfrozen = _unfrozen_depth(config, classifier.spec.weight_layers)
     start_epoch, phase = 0, None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -187,7 +212,7 @@ def _train(config: dict, setup: TrialSetup) -> None:
             trainable_layers = set_unfrozen_layers(classifier, 0 if head_only else unfrozen)
             rate = learning_rate
             if classifier.pretrained and not head_only and unfrozen != 0 and setup.head_epochs > 0:
-                rate = learning_rate * setup.fine_tune_learning_rate_multiplier
+                rate = learning_rate * _fine_tune_multiplier(config, setup)
             compile_classifier(classifier, learning_rate=rate, jit_compile=setup.jit_compile)
             phase = next_phase
             logger.info("Epoch %d: %s phase, %d backbone weight layers trainable, learning rate %.3g",

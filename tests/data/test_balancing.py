@@ -23,6 +23,31 @@ def test_balance_rows_class_weight_inverse_frequency():
     assert result.sample_weights[LABELS == 1].sum() == pytest.approx(result.sample_weights[LABELS == 0].sum())
 
 
+def test_balance_rows_class_weight_changes_loss():
+    import keras
+
+    balanced = balance_rows(ROWS, LABELS, method="class_weight")
+    features = np.random.default_rng(0).normal(size=(len(LABELS), 4)).astype("float32")
+    targets = LABELS.astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(loss=keras.losses.BinaryCrossentropy())
+
+    unweighted = model.evaluate(features, targets, batch_size=len(LABELS), verbose=0)
+    weighted = model.evaluate(features, targets, sample_weight=balanced.sample_weights, batch_size=len(LABELS),
+                              verbose=0)
+    per_sample = keras.ops.convert_to_numpy(
+        keras.losses.binary_crossentropy(targets[:, None], model.predict(features, verbose=0)))
+
+    assert balanced.sample_weights.sum() == pytest.approx(len(LABELS))
+    assert balanced.sample_weights[LABELS == 1].sum() == pytest.approx(balanced.sample_weights[LABELS == 0].sum())
+    assert weighted != pytest.approx(unweighted, rel=1e-3)
+    # Equal class totals make the weighted loss the plain mean of the two per-class mean losses.
+    class_mean = 0.5 * (per_sample[LABELS == 1].mean() + per_sample[LABELS == 0].mean())
+    assert weighted == pytest.approx(class_mean, rel=1e-4)
+    assert unweighted == pytest.approx(per_sample.mean(), rel=1e-4)
+
+
 def test_balance_rows_undersample_one_to_one():
     result = balance_rows(ROWS, LABELS, method="undersample", seed=1)
     assert len(result.rows) == 40

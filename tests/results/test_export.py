@@ -27,3 +27,12 @@ def test_export_run_stop_reasons(synthetic_run):
             assert row["error"], trial_id
         else:
             assert row["stop_reason"] == ("asha" if row["stopped_early"] else "max_epochs"), trial_id
+
+
+def test_export_run_unsearched_optionals_null(synthetic_run):
+    trials = export_run(synthetic_run)
+    schema = pq.read_schema(synthetic_run / "trials.parquet")
+    assert str(schema.field("unfrozen_fraction").type) == "double"
+    assert str(schema.field("fine_tune_lr_multiplier").type) == "double"
+    assert trials["unfrozen_fraction"].isna().all()
+    assert trials["fine_tune_lr_multiplier"].isna().all()

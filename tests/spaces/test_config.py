@@ -144,3 +144,69 @@ def test_load_config_gpu_training_settings(tmp_path):
 def test_load_config_gpu_and_smote_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, text))
+
+
+def test_load_config_optional_parameters_absent_by_default():
+    space = load_config(overrides={"training": {"weights": "imagenet"}}).space
+    assert "unfrozen_fraction" not in space
+    assert "fine_tune_lr_multiplier" not in space
+    assert "unfrozen_layers" in space
+
+
+def test_load_config_unfrozen_fraction_replaces_layers(tmp_path):
+    path = _write(tmp_path, "training: {weights: imagenet}\nspace: {unfrozen_fraction: {low: 0.0, high: 0.5}}\n")
+    config = load_config(path)
+    fraction = config.space["unfrozen_fraction"]
+    assert (fraction.kind, fraction.low, fraction.high) == ("range", 0.0, 0.5)
+    assert not fraction.is_integer
+    assert "unfrozen_layers" not in config.space
+    assert "unfrozen_layers" not in config.to_dict()["space"]
+
+
+def test_load_config_unfrozen_fraction_round_trip(tmp_path):
+    import yaml
+
+    config = load_config(overrides={"training": {"weights": "imagenet"}, "space": {"unfrozen_fraction": [0.25, 0.5]}})
+    path = _write(tmp_path, yaml.safe_dump(config.to_dict()))
+    assert load_config(path).to_dict() == config.to_dict()
+
+
+def test_load_config_scratch_fixes_fraction():
+    config = load_config(overrides={"training": {"weights": "none"}, "space": {"unfrozen_fraction": {"low": 0.0, "high": 0.5}}})
+    assert config.space["unfrozen_fraction"].values == (1.0,)
+    assert "unfrozen_layers" not in config.space
+
+
+def test_load_config_fine_tune_multiplier_log_range(tmp_path):
+    path = _write(tmp_path, "space: {fine_tune_lr_multiplier: {low: 0.01, high: 1.0, log: true}}\n")
+    multiplier = load_config(path).space["fine_tune_lr_multiplier"]
+    assert (multiplier.kind, multiplier.low, multiplier.high, multiplier.log) == ("range", 0.01, 1.0, True)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("space: {unfrozen_layers: 5, unfrozen_fraction: 0.5}\n",
+     r"space.unfrozen_layers and space.unfrozen_fraction are both set"),
+    ("space: {unfrozen_layers: {low: 0, high: 40}, unfrozen_fraction: [0.1, 0.2]}\n",
+     r"space.unfrozen_layers and space.unfrozen_fraction are both set.*Remove one of them"),
+    ("space: {unfrozen_fraction: 1.5}\n", r"invalid value 1.5 for space.unfrozen_fraction: expected a number in \[0, 1\]"),
+    ("space: {unfrozen_fraction: [0.1, -0.1]}\n", r"invalid value -0.1 for space.unfrozen_fraction\[1\]"),
+    ("space: {unfrozen_fraction: 'half'}\n", r"invalid value 'half' for space.unfrozen_fraction: expected a number"),
+    ("space: {fine_tune_lr_multiplier: 0}\n",
+     r"invalid value 0.0 for space.fine_tune_lr_multiplier: expected a number in \(0, 1\]"),
+    ("space: {fine_tune_lr_multiplier: {low: 0.1, high: 2.0}}\n", r"space.fine_tune_lr_multiplier.high: expected a number"),
+    ("space: {fine_tune_lr_multiplier: {low: 0.0, high: 0.5, log: true}}\n",
+     r"invalid value 0.0 for space.fine_tune_lr_multiplier.low"),
+])
+def test_load_config_optional_parameter_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+def test_load_config_fraction_point_rejects_layers(tmp_path):
+    path = _write(tmp_path, """
+training: {weights: imagenet}
+space: {unfrozen_fraction: {low: 0.0, high: 0.5}}
+search: {points_to_evaluate: [{unfrozen_layers: 20}]}
+""")
+    with pytest.raises(ConfigError, match=r"unknown parameter 'unfrozen_layers' in search.points_to_evaluate\[0\]"):
+        load_config(path)

@@ -150,3 +150,52 @@ def test_train_classifier_smote_mixed_precision(session, setup, monkeypatch):
         keras.mixed_precision.set_global_policy("float32")
     assert seen == {"jit_compile": False, "policy": "mixed_float16"}
     assert [r["epoch"] for r in session.reports] == [1]
+
+
+@pytest.fixture(scope="module")
+def weights_folder(tmp_path_factory) -> Path:
+    """A folder with random MobileNetV2 weights under the ImageNet file name, as on an air-gapped cluster."""
+    import keras
+
+    from trainables.backbones import BACKBONES
+
+    folder = tmp_path_factory.mktemp("weights")
+    source = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    # keras.applications files are legacy HDF5; saving the whole model as .h5 writes that format.
+    source.save(folder / BACKBONES["MobileNetV2"].weights_file_for(32))
+    return folder
+
+
+@pytest.mark.parametrize("searched,expected_multiplier", [({"fine_tune_lr_multiplier": 0.5}, 0.5), ({}, 0.1)])
+def test_train_classifier_fraction_and_multiplier(session, setup, weights_folder, monkeypatch, searched,
+                                                  expected_multiplier):
+    import keras
+
+    from trainables import model as model_module
+
+    rates = []
+    original_compile = model_module.compile_classifier
+
+    def recording_compile(classifier, *, learning_rate, jit_compile="auto"):
+        original_compile(classifier, learning_rate=learning_rate, jit_compile=jit_compile)
+        rates.append(float(keras.ops.convert_to_numpy(classifier.model.optimizer.learning_rate)))
+
+    monkeypatch.setattr(model_module, "compile_classifier", recording_compile)
+    pretrained = TrialSetup(**{**setup.__dict__, "weights": str(weights_folder), "head_epochs": 1})
+    config = {k: v for k, v in CONFIG.items() if k != "unfrozen_layers"}
+    train_classifier({**config, "unfrozen_fraction": 0.5, **searched}, pretrained)
+
+    assert [r["trainable_weight_layers"] for r in session.reports] == [0, round(0.5 * 52)]
+    assert rates == pytest.approx([1e-3, 1e-3 * expected_multiplier])
+
+
+def test_train_classifier_fraction_zero_keeps_frozen(session, setup, weights_folder):
+    pretrained = TrialSetup(**{**setup.__dict__, "weights": str(weights_folder), "max_epochs": 1})
+    config = {k: v for k, v in CONFIG.items() if k != "unfrozen_layers"}
+    train_classifier({**config, "unfrozen_fraction": 0.0}, pretrained)
+    assert session.reports[-1]["trainable_weight_layers"] == 0
+
+
+def test_train_classifier_both_depth_keys(session, setup):
+    with pytest.raises(ValueError, match="it sets 2 of unfrozen_layers and unfrozen_fraction, but needs exactly one"):
+        train_classifier({**CONFIG, "unfrozen_fraction": 0.5}, setup)
