@@ -193,7 +193,7 @@ def _train(config: dict, setup: TrialSetup) -> None:
     classifier = build_classifier(backbone=config["backbone"], image_size=size, weights=setup.weights,
                                   dropout=float(config["dropout"]), seed=setup.seed)
     unfrozen = _unfrozen_depth(config, classifier.spec.weight_layers)
-    start_epoch, phase = 0, None
+    start_epoch, phase, trainable_layers = 0, None, 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -202,9 +202,10 @@ def _train(config: dict, setup: TrialSetup) -> None:
         classifier = Classifier(model=model, backbone=model.get_layer("backbone"), spec=classifier.spec,
                                 pretrained=classifier.pretrained)
         start_epoch, phase = int(state["epoch"]), state["phase"]
+        # The restored model keeps its trainable flags, so the count of the saved phase still holds.
+        trainable_layers = int(state["metrics"].get("trainable_weight_layers") or 0)
         logger.info("Resuming trial from its checkpoint after epoch %d", start_epoch)
 
-    trainable_layers = 0
     for epoch in range(start_epoch, setup.max_epochs):
         head_only = classifier.pretrained and unfrozen != 0 and epoch < setup.head_epochs
         next_phase = "head" if head_only else "fine_tune"

@@ -100,6 +100,7 @@ def test_train_classifier_resumes_from_checkpoint(session, setup):
     session.reports.clear()
     train_classifier(dict(CONFIG), setup)
     assert [r["epoch"] for r in session.reports] == [2]
+    assert session.reports[0]["trainable_weight_layers"] == 52
 
 
 def test_train_classifier_nan_loss_fails_once(session, setup, monkeypatch):
