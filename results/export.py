@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,7 @@ def _read_results(trial_dir: Path) -> list[dict]:
 def _trial_states(run_dir: Path) -> dict[str, dict]:
     """Read each trial's status and error from Tune's newest experiment state file."""
     # A resumed run writes a new state file and rewrites the old one too, so modification times cannot tell
-    # which is newest; the timestamp in the name (YYYY-MM-DD_HH-MM-SS) can.
+    # which is newest. The timestamp in the name (YYYY-MM-DD_HH-MM-SS) can.
     states = sorted(run_dir.glob("experiment_state-*.json"), key=lambda path: path.name)
     if not states:
         return {}
@@ -114,11 +115,18 @@ def _trial_states(run_dir: Path) -> dict[str, dict]:
 
 
 def _error_text(trial_dir: Path, state: dict) -> str | None:
-    for name in ("error.txt", "error.pkl"):
-        if (trial_dir / name).is_file() and name.endswith(".txt"):
-            lines = [line for line in (trial_dir / name).read_text(errors="replace").splitlines() if line.strip()]
-            return lines[-1] if lines else "failed"
+    """Return the last line of the trial's ``error.txt`` (the exception), else Tune's saved error message."""
+    path = trial_dir / "error.txt"
+    if path.is_file():
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        return lines[-1] if lines else "failed"
     return state.get("error_msg") or None
+
+
+def _trial_id_of_folder(trial_dir: Path) -> str:
+    """Return the trial id from a Tune trial folder name, ``<trainable>_<trial id>_<number>_<params>_<date>``."""
+    match = re.match(r"train_classifier_([^_]+)_\d+_", trial_dir.name)
+    return match.group(1) if match else trial_dir.name
 
 
 def _finite(value) -> float | None:
@@ -153,15 +161,17 @@ def export_run(run_dir: str | os.PathLike) -> pd.DataFrame:
     for trial_dir in _trial_dirs(run_dir):
         params = json.loads((trial_dir / "params.json").read_text(encoding="utf-8"))
         results = _read_results(trial_dir)
-        trial_id = results[0]["trial_id"] if results else trial_dir.name.split("_")[-3]
+        trial_id = results[0]["trial_id"] if results else _trial_id_of_folder(trial_dir)
         state = states.get(trial_id, {})
         error = _error_text(trial_dir, state)
         if state.get("status"):
             status = state["status"]
             # A trial that Tune retried after its worker died keeps its old error file, so the status decides.
             error = error if status == "ERROR" else None
+        elif error:
+            status = "ERROR"
         else:
-            status = "ERROR" if error else ("TERMINATED" if results else "PENDING")
+            status = "TERMINATED" if results else "PENDING"
 
         objectives = [_finite(r.get(metric)) for r in results]
         best_index = None

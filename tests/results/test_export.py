@@ -36,3 +36,12 @@ def test_export_run_unsearched_optionals_null(synthetic_run):
     assert str(schema.field("fine_tune_lr_multiplier").type) == "double"
     assert trials["unfrozen_fraction"].isna().all()
     assert trials["fine_tune_lr_multiplier"].isna().all()
+
+
+def test_trial_id_of_folder_with_underscored_params():
+    from pathlib import Path
+
+    from results.export import _trial_id_of_folder
+
+    folder = Path("train_classifier_8d637394_2_augmentation_intensity=0.0710,backbone=MobileNetV2_2026-12-04_20-37-20")
+    assert _trial_id_of_folder(folder) == "8d637394"
