@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -43,10 +42,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from _machine import SHARED_DATA, cpu_model_name
 from data.cache import build_image_cache
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SOURCE_FOLDER = (REPO_ROOT / ".." / "shared" / "data" / "isic-cc0-550").resolve()
+SOURCE_FOLDER = SHARED_DATA / "isic-cc0-550"
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -138,16 +137,6 @@ def time_keras_baseline(paths: list[str], image_size: int) -> tuple[float, float
     if len(arrays) != len(paths):
         raise RuntimeError("the baseline did not load every image")
     return seconds
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def import_libraries_untimed() -> None:

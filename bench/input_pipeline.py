@@ -56,11 +56,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from _machine import SHARED_DATA  # noqa: E402
 from data.augment import build_augmentation  # noqa: E402
 from data.pipeline import make_dataset  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SOURCE_FOLDER = (REPO_ROOT / ".." / "shared" / "data" / "isic-cc0-550").resolve()
+SOURCE_FOLDER = SHARED_DATA / "isic-cc0-550"
 
 
 def parse_arguments() -> argparse.Namespace:

@@ -33,8 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_FOLDER = (REPO_ROOT / ".." / "shared" / "data" / "ham10000").resolve()
+from _machine import SHARED_DATA, cpu_model_name
+
+DATA_FOLDER = SHARED_DATA / "ham10000"
 METADATA_FILE = "HAM10000_metadata.csv"
 KEPT_DIAGNOSES = ("mel", "nv")
 BALANCING_METHODS = ("none", "class_weight", "undersample", "oversample", "smote")
@@ -170,16 +171,6 @@ def print_table(rows: list[dict[str, object]]) -> None:
     for row in rows:
         if row["error"]:
             print(f"trial {row['balancing']}, intensity {row['intensity']} failed: {row['error']}", file=sys.stderr)
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:
