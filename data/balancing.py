@@ -67,7 +67,7 @@ def balance_rows(rows: np.ndarray, labels: np.ndarray, *, method: str, seed: int
             and one of its ``smote_k`` nearest minority neighbours.
         seed: seed of the random samplers.
         images: (num_images, S, S, 3) uint8 in [0, 255], the image cache that ``rows`` index, usually a
-            read-only memmap; needed by ``smote`` only, which reads the minority rows in chunks.
+            read-only memmap. Only ``smote`` needs it, and it reads the minority rows in chunks.
         smote_k: neighbours per minority image among which ``smote`` picks a partner, >= 1. Fewer are
             used when the minority class has at most ``smote_k`` images.
     """

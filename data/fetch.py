@@ -229,7 +229,7 @@ def ensure_default_sample(
 
     Raises:
         FetchError: The sample is not complete and could not be downloaded, for example
-            offline. The message says how to pass a local folder with --data instead.
+            offline. Its message explains how to pass a local folder with --data instead.
     """
     # NOTE: the marker check and the download are not locked, so two processes that call
     # this at the same time both download into the same folder and may corrupt a file.

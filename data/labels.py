@@ -306,7 +306,7 @@ def label_legacy_isic(benign_malignant: object, diagnosis: object, *, positive_c
 
     ``benign_malignant`` decides benign against malignant, and ``diagnosis`` separates melanoma from other
     malignant lesions. ``diagnosis`` alone decides when ``benign_malignant`` is blank. A melanoma diagnosis is positive
-    whatever ``benign_malignant`` says.
+    whatever the value of ``benign_malignant``.
     """
     positive_class = validate_positive_class(positive_class)
     status, name = _text(benign_malignant), _text(diagnosis)

@@ -135,10 +135,10 @@ def _print_data_summary(run_dir: Path) -> None:
 def _print_dry_run(config) -> None:
     import yaml
 
-    from search.driver import _concurrency
+    from search.driver import trial_concurrency
 
     cpus = float(os.cpu_count() or 1)
-    concurrency = _concurrency(config, cpus, 0.0)
+    concurrency = trial_concurrency(config, cpus, 0.0)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     print(f"# Each trial: {config.resources['cpus_per_trial']} CPUs, {config.resources['gpus_per_trial']} GPUs. "
           f"On this machine ({cpus:g} CPUs, GPUs not counted): up to {concurrency} trials at once.")

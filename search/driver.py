@@ -36,7 +36,7 @@ from trainables.backbones import WeightsUnavailableError, get_backbone
 from trainables.trial import TrialSetup
 
 __all__ = ["PreparedData", "SearchOutcome", "check_imagenet_weights", "default_cache_dir", "prepare_data", "resume_search",
-           "run_search"]
+           "run_search", "trial_concurrency"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def check_imagenet_weights(backbones: list[str], image_sizes: list[int], *, orig
         ) from error
 
 
-def _concurrency(config: ExperimentConfig, cluster_cpus: float, cluster_gpus: float) -> int:
+def trial_concurrency(config: ExperimentConfig, cluster_cpus: float, cluster_gpus: float) -> int:
     """Trials that fit at once: the configured limit, else what the CPUs and GPUs allow."""
     limit = config.search["max_concurrent_trials"]
     if limit:
@@ -288,7 +288,7 @@ def run_search(config: ExperimentConfig, *, address: str | None = None, progress
     setup = _trial_setup(config, prepared)
 
     resources = _start_ray(address)
-    concurrency = _concurrency(config, resources.get("CPU", 1), resources.get("GPU", 0))
+    concurrency = trial_concurrency(config, resources.get("CPU", 1), resources.get("GPU", 0))
     _log_resources(config, resources, concurrency)
     tuner = _new_tuner(config, setup, name=name, storage_path=storage_path, concurrency=concurrency,
                        progress=progress)
