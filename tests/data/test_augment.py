@@ -143,6 +143,21 @@ def test_microscope_vignette_keeps_float_dtype():
     assert augmented[0, 0].max() < 0.8
 
 
+@pytest.mark.parametrize("shape", [(40, 56, 3), (40, 56, 4), (40, 56, 1), (40, 56)])
+def test_microscope_vignette_rounds_uint8_like_the_float_formula(shape):
+    image = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
+    params = {"radius": 0.8, "softness": 0.3, "darkness": 0.7, "center_shift": (0.04, -0.03)}
+
+    augmented = MicroscopeVignette(p=1.0).apply(image, **params)
+    reference = MicroscopeVignette(p=1.0).apply(image.astype(np.float32), **params)
+
+    assert augmented.shape == image.shape
+    assert augmented.dtype == np.uint8
+    # Rounding the float result to the nearest integer may differ by one where it ends in .5.
+    assert np.abs(augmented.astype(np.int16) - np.rint(reference).astype(np.int16)).max() <= 1
+    assert (augmented != image).any()
+
+
 @pytest.mark.parametrize("group_element", ["e", "r90", "r180", "r270", "v", "hvt", "h", "t"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 @pytest.mark.parametrize("shape", [(6, 9, 3), (6, 9, 4), (5, 5, 1), (5, 7)])
