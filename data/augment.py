@@ -226,7 +226,10 @@ class MicroscopeVignette(A.ImageOnlyTransform):
             # cv2.multiply rounds and saturates to uint8 in one pass, about twice as fast as
             # NumPy's float32 product and cast at 224 px. OpenCV would drop a channel axis of
             # size 1, so other channel counts take the NumPy path.
-            return cv2.multiply(img, cv2.merge([gain] * channels) if channels else gain, dtype=cv2.CV_8U)
+            if channels:
+                gain = cv2.merge([gain] * channels)
+            return cv2.multiply(img, gain, dtype=cv2.CV_8U)
+
         if img.ndim == 3:
             gain = gain[..., np.newaxis]
         darkened = img * gain

@@ -218,9 +218,9 @@ def _shared_executor() -> tuple[ThreadPoolExecutor, int]:
             usable_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
             _executor_threads = len(usable_cores) if usable_cores else os.cpu_count() or 1
             _executor = ThreadPoolExecutor(max_workers=_executor_threads, thread_name_prefix="lesiontune-augment")
-            # The pool already runs one image per core, so OpenCV's own parallel loops inside
-            # each transform only add thread hand-offs: with them on, intensity 0.5 costs about
-            # 1.5x the CPU per image on 2 cores. The setting is process-wide in OpenCV.
+            # The pool already runs one image per core, so OpenCV's own parallel loops only add
+            # thread hand-offs (measured: 1.5x the CPU per image at intensity 0.5 on 2 cores).
+            # NOTE: cv2.setNumThreads is process-wide, so other OpenCV users in a trial run single-threaded too.
             cv2.setNumThreads(1)
             logger.debug("Started %d augmentation threads; OpenCV set to 1 thread per call", _executor_threads)
         return _executor, _executor_threads

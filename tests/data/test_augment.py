@@ -144,7 +144,7 @@ def test_microscope_vignette_keeps_float_dtype():
 
 
 @pytest.mark.parametrize("shape", [(40, 56, 3), (40, 56, 4), (40, 56, 1), (40, 56)])
-def test_microscope_vignette_rounds_uint8_like_the_float_formula(shape):
+def test_vignette_uint8_matches_float_path(shape):
     image = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
     params = {"radius": 0.8, "softness": 0.3, "darkness": 0.7, "center_shift": (0.04, -0.03)}
 
