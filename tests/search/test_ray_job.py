@@ -1,4 +1,6 @@
-"""Integration test of the cluster path: ``python -m search`` submitted with ``ray job submit``.
+"""Integration test of the cluster path: ``python -m search`` submitted with ``lesiontune submit``.
+
+``lesiontune submit`` measures the upload and then runs ``ray job submit``, so the test covers both.
 
 The module starts its own single-node Ray head with token authentication, listening on 127.0.0.1 only.
 The head gets a temporary HOME, so ``ray get-auth-token --generate`` writes the token to a temporary
@@ -27,6 +29,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from search.submit import measure_upload, read_runtime_env_excludes
 
 REPO = Path(__file__).resolve().parents[2]
 ISIC_CC0 = REPO.parent / "shared" / "data" / "isic-cc0-550"
@@ -100,6 +104,13 @@ def _ray_environment(home: Path) -> dict[str, str]:
 def _ray(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([RAY_CLI, *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S, check=False)
+
+
+def _lesiontune(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the ``lesiontune`` command line of this checkout with the Python that runs the tests."""
+    command = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", *args]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+                          check=False)
 
 
 def _tail(text: str) -> str:
@@ -260,17 +271,20 @@ def test_job_submit_search_writes_trials(ray_head, upload_probe):
     storage = ray_head.root / "runs"
     # Without .gitignore, which already lists lesiontune_runs/, only runtime_env.yaml keeps the probe out.
     submit_env = {**ray_head.env, "RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1"}
+    runtime_env = _job_runtime_env(ray_head)
+    measured = measure_upload(REPO, excludes=read_runtime_env_excludes(runtime_env), include_gitignore=False)
     started = time.monotonic()
-    submitted = _ray(
-        submit_env, "job", "submit", "--address", ray_head.dashboard_url, "--submission-id", submission_id,
-        "--no-wait", "--working-dir", ".", "--runtime-env", str(_job_runtime_env(ray_head)), "--",
-        "python", "-m", "search", "--data", str(ISIC_CC0), "--backbones", "MobileNetV2", "--image-size", "32",
+    submitted = _lesiontune(
+        submit_env, "submit", "--address", ray_head.dashboard_url, "--submission-id", submission_id,
+        "--no-wait", "--working-dir", ".", "--runtime-env", str(runtime_env), "--",
+        "--data", str(ISIC_CC0), "--backbones", "MobileNetV2", "--image-size", "32",
         "--weights", "none", "--num-samples", "2", "--max-epochs", "1", "--storage-path", str(storage), "--name", "job",
         # Inside a job, "auto" makes ray.init() read RAY_ADDRESS, which Ray sets to the job's cluster.
         "--address", "auto",
         cwd=REPO,
     )
-    assert submitted.returncode == 0, f"ray job submit failed:\n{_tail(submitted.stdout + submitted.stderr)}"
+    assert submitted.returncode == 0, f"lesiontune submit failed:\n{_tail(submitted.stdout + submitted.stderr)}"
+    assert "Upload: " in submitted.stdout
 
     job = _wait_for_job(ray_head, submission_id)
     print(f"Job {submission_id} ended {job['status']} after {time.monotonic() - started:.0f} s")
@@ -293,6 +307,11 @@ def test_job_submit_search_writes_trials(ray_head, upload_probe):
     assert (package / "search" / "driver.py").is_file()
     assert not leaked, f"runtime_env.yaml did not keep these files out of the upload: {leaked}"
     assert sum(path.stat().st_size for path in files) < MAX_PACKAGE_BYTES
+    # The job's Python writes __pycache__ folders into the unpacked package, which runs as its working directory.
+    # NOTE: a file that another process creates or deletes in the checkout between the two walks fails this check.
+    unpacked = {path.relative_to(package).as_posix() for path in files
+                if "__pycache__" not in path.relative_to(package).parts}
+    assert unpacked == {entry.path for entry in measured.files}, "measure_upload differs from the files Ray uploaded"
 
 
 def test_job_server_requires_cluster_token(ray_head):
