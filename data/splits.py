@@ -7,6 +7,7 @@ a model is never validated or tested on a lesion it was trained on. Merge duplic
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -212,11 +213,16 @@ def write_manifest(records: pd.DataFrame, split: pd.Series, path: str | os.PathL
     return manifest
 
 
-def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a manifest written by :func:`write_manifest`."""
-    path = Path(path)
+def read_manifest(source: str | os.PathLike | bytes) -> pd.DataFrame:
+    """Read a manifest written by :func:`write_manifest`, from its path or from the file's bytes."""
+    if isinstance(source, bytes):
+        return _with_split_categories(pd.read_parquet(io.BytesIO(source)))
+    path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"Split manifest {path} not found; it is written when a search starts.")
-    manifest = pd.read_parquet(path)
+    return _with_split_categories(pd.read_parquet(path))
+
+
+def _with_split_categories(manifest: pd.DataFrame) -> pd.DataFrame:
     manifest["split"] = pd.Categorical(manifest["split"], categories=list(SPLITS))
     return manifest
