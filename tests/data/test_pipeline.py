@@ -262,3 +262,52 @@ def test_make_dataset_invalid_blend(partners, weights, message):
     with pytest.raises(ValueError, match=message):
         make_dataset(images, np.array([0, 1]), np.ones(2), batch_size=2, partner_rows=partners,
                      blend_weights=weights)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_make_dataset_workers_match_in_thread(num_workers):
+    images = np.random.default_rng(4).integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    augmentation = build_augmentation(1.0, image_size=32)
+    rows, labels = np.arange(12), np.zeros(12)
+    partners, weights = np.roll(rows, 1), np.where(rows % 3 == 0, 0.4, 0.0)
+
+    def batches(workers):
+        dataset = make_dataset(images, rows, labels, batch_size=5, augmentation=augmentation, shuffle=True, seed=9,
+                               partner_rows=partners, blend_weights=weights, num_workers=workers)
+        return [x.numpy() for x, _ in dataset]
+
+    in_thread = batches(0)
+    in_workers = batches(num_workers)
+
+    assert len(in_thread) == len(in_workers) == 3
+    for expected, actual in zip(in_thread, in_workers):
+        np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("num_workers", [-1, 1.5, True, "2"])
+def test_make_dataset_rejects_invalid_num_workers(num_workers):
+    images = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0 or None"):
+        make_dataset(images, np.arange(4), np.zeros(4), batch_size=2, num_workers=num_workers)
+
+
+def test_dead_worker_raises_then_pool_restarts():
+    import os
+    import signal
+
+    from data.pipeline import _BatchLoader, _process_pool
+
+    images = np.random.default_rng(5).integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)
+    loader = _BatchLoader(images=images, rows=np.arange(6), augmentation=build_augmentation(0.5, image_size=16),
+                          num_workers=1)
+    first = loader(np.arange(6), np.int64(3))
+    for process in list(_process_pool(1)._processes.values()):
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+
+    with pytest.raises(RuntimeError, match="augmentation worker process died"):
+        loader(np.arange(6), np.int64(3))
+    again = loader(np.arange(6), np.int64(3))
+
+    np.testing.assert_array_equal(again, first)
