@@ -187,6 +187,12 @@ def _learning_rate_level(value: float) -> tuple[object, str]:
     return (decade, f"[1e{decade}, 1e{decade + 1})")
 
 
+def _fraction_level(value: float) -> tuple[object, str]:
+    if float(value) == 0:
+        return (-1, "0 (frozen)")
+    return _intensity_level(value)
+
+
 # Each searched factor and how its values are binned into levels: (sort key, label).
 _FACTOR_LEVELS: dict[str, Callable[[object], tuple[object, str]]] = {
     "backbone": _category_level,
@@ -197,14 +203,19 @@ _FACTOR_LEVELS: dict[str, Callable[[object], tuple[object, str]]] = {
     "batch_size": lambda value: (int(value), str(int(value))),
     "dropout": _dropout_level,
     "image_size": lambda value: (int(value), f"{int(value)} px"),
+    "unfrozen_fraction": _fraction_level,
+    "fine_tune_lr_multiplier": _learning_rate_level,
+    "smote_k": lambda value: (int(value), str(int(value))),
 }
 
 
 def factor_effects(trials: pd.DataFrame) -> pd.DataFrame:
     """Summarise the best objective of finished trials per level of each searched factor.
 
-    Numeric factors are binned: unfrozen depth into weight-layer ranges, augmentation intensity into
-    quarters, dropout into tenths and the learning rate into decades (log bins).
+    Numeric factors are binned: unfrozen depth into weight-layer ranges, the unfrozen fraction and
+    augmentation intensity into quarters, dropout into tenths, and the learning rate and the fine-tuning
+    multiplier into decades (log bins). A trial without a value for a factor (a conditional parameter
+    that was not drawn, or a factor that the run did not search) is left out of that factor's rows.
 
     Returns:
         One row per factor and level with columns ``factor``, ``level``, ``trials``, ``stopped_early``
@@ -220,6 +231,8 @@ def factor_effects(trials: pd.DataFrame) -> pd.DataFrame:
 
     rows = []
     for factor, level_of in _FACTOR_LEVELS.items():
+        if factor not in finished:
+            continue
         present = finished[finished[factor].notna()]
         levels = [level_of(value) for value in present[factor]]
         frame = pd.DataFrame({
@@ -271,9 +284,13 @@ def _build_study(trials: pd.DataFrame, distributions: dict):
         params = {}
         for name in distributions:
             value = getattr(row, name)
+            # A conditional parameter that this trial did not draw has no value.
+            if pd.isna(value):
+                continue
             params[name] = int(value) if _is_integer_parameter(name) else value
         try:
-            trial = optuna.trial.create_trial(params=params, distributions=distributions,
+            trial = optuna.trial.create_trial(params=params, distributions={name: distributions[name]
+                                                                            for name in params},
                                               value=float(row.best_objective))
         except ValueError as error:
             raise ValueError(f"Trial {row.trial_id} has parameters {params} outside the space saved in "

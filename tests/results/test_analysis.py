@@ -176,3 +176,32 @@ def test_validation_predictions_follow_manifest(synthetic_run, run_inputs):
 
     assert predictions["image_id"].tolist() == manifest.loc[manifest["split"] == "validation", "image_id"].tolist()
     assert predictions["score"].to_numpy() == pytest.approx(run_inputs["validation_scores"])
+
+
+def _with_conditional_values(trials: pd.DataFrame) -> pd.DataFrame:
+    trials = trials.sort_values("trial_id").reset_index(drop=True)
+    trials["smote_k"] = pd.array([3, None, 7, None], dtype="Int64")
+    trials["fine_tune_lr_multiplier"] = [0.05, 0.5, None, 0.2]
+    trials["unfrozen_fraction"] = [0.0, 0.3, 0.9, 0.3]
+    return trials
+
+
+def test_factor_effects_cover_conditional_parameters(synthetic_run):
+    effects = factor_effects(_with_conditional_values(read_trials(synthetic_run)))
+
+    assert effects.loc[effects["factor"] == "smote_k", "level"].tolist() == ["3", "7"]
+    assert effects.loc[effects["factor"] == "fine_tune_lr_multiplier", "level"].tolist() == ["[1e-2, 1e-1)",
+                                                                                           "[1e-1, 1e0)"]
+    assert _level(effects, "unfrozen_fraction", "0 (frozen)")["trials"] == 1
+    assert _level(effects, "unfrozen_fraction", "[0.25, 0.50)")["trials"] == 1
+
+
+def test_parameter_importance_skips_undrawn_values(synthetic_run):
+    trials = _with_conditional_values(read_trials(synthetic_run))
+    space = {**load_run_config(synthetic_run)["space"], "smote_k": {"low": 2, "high": 8},
+             "fine_tune_lr_multiplier": {"low": 0.01, "high": 1.0, "log": True}}
+
+    importance = parameter_importance(trials, space, method="fanova")
+
+    assert "balancing" in set(importance["parameter"])
+    assert importance["importance"].sum() == pytest.approx(1.0)
