@@ -59,6 +59,7 @@ TRIAL_SCHEMA = pa.schema([
     pa.field("stop_reason", pa.string()),  # max_epochs, asha, error, or the Tune status of an unfinished trial
     *[pa.field(f"best_{name}", pa.float64()) for name in METRIC_COLUMNS],
     pa.field("wall_seconds", pa.float64()),
+    pa.field("setup_seconds", pa.float64()),  # start of the trial function to its first epoch: data, model build
     pa.field("cpus_per_trial", pa.float64()),
     pa.field("gpus_per_trial", pa.float64()),
     pa.field("error", pa.string()),
@@ -191,6 +192,7 @@ def export_run(run_dir: str | os.PathLike) -> pd.DataFrame:
             "stop_reason": _stop_reason(status, epochs_run, max_epochs),
             **{f"best_{name}": _finite(best.get(name)) for name in METRIC_COLUMNS},
             "wall_seconds": _finite(results[-1].get("time_total_s")) if results else None,
+            "setup_seconds": _finite(results[0].get("setup_seconds")) if results else None,
             "cpus_per_trial": float(config["resources"]["cpus_per_trial"]),
             "gpus_per_trial": float(config["resources"]["gpus_per_trial"]),
             "error": error,

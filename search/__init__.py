@@ -1,1 +1,1 @@
-"""The search driver: command line, Ray Tune with OptunaSearch and ASHA, run folders."""
+"""The search driver: command line, Ray Tune with OptunaSearch and ASHA, run folders, Ray job submission."""

@@ -1,11 +1,14 @@
-"""The ``lesiontune`` command line: ``search``, ``results``, ``data`` and ``weights`` subcommands."""
+"""The ``lesiontune`` command line: ``search``, ``submit``, ``results``, ``predict``, ``data`` and ``weights``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
+import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,9 +22,11 @@ logger = logging.getLogger("lesiontune")
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Return the errors a user can fix; they are printed as one line, without a traceback."""
     from data.fetch import FetchError
+    from search.storage import StorageError
     from trainables.backbones import WeightsUnavailableError
 
-    return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FetchError, WeightsUnavailableError)
+    return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FetchError, WeightsUnavailableError,
+            StorageError)
 
 
 def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +44,11 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     experiment = parser.add_argument_group("experiment")
     experiment.add_argument("--config", metavar="FILE.yaml", help="YAML experiment file; options below override it")
     experiment.add_argument("--name", help="run name, the folder under --storage-path (default: timestamped)")
-    experiment.add_argument("--storage-path", metavar="DIR", help="where run folders go (default: ./lesiontune_runs)")
+    experiment.add_argument("--storage-path", metavar="DIR_OR_URI",
+                            help="where run folders go: a folder, or a URI that pyarrow.fs reads, e.g. "
+                                 "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, file:///ABSOLUTE/PATH, "
+                                 "s3://BUCKET/PREFIX?endpoint_override=HOST:PORT&scheme=http "
+                                 "(default: ./lesiontune_runs)")
     experiment.add_argument("--num-samples", type=int, metavar="N", help="number of trials")
     experiment.add_argument("--max-epochs", type=int, metavar="N", help="epochs of a trial that ASHA never stops")
     experiment.add_argument("--grace-period", type=int, metavar="N", help="epochs before ASHA may stop a trial")
@@ -50,6 +59,10 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     experiment.add_argument("--objective", choices=("pauc80", "f2", "sens_at_spec", "auc"),
                             help="validation metric to maximise (default pauc80)")
     experiment.add_argument("--seed", type=int, help="seed of the split, the TPE sampler and the trials")
+    experiment.add_argument("--algorithm", choices=("tpe", "random"),
+                            help="how configurations are drawn: tpe (default) or random, a baseline")
+    experiment.add_argument("--scheduler", choices=("asha", "fifo"),
+                            help="asha (default) stops weak trials early; fifo runs every trial for --max-epochs")
 
     cluster = parser.add_argument_group("resources")
     cluster.add_argument("--address", help="address of a running Ray cluster (default: $RAY_ADDRESS, which Ray sets "
@@ -58,7 +71,8 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--gpus-per-trial", type=float, metavar="N", help="fractions pack several trials on a GPU")
     cluster.add_argument("--max-concurrent-trials", type=int, metavar="N")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue a stopped or crashed search from its run folder (other options are ignored)")
+                        help="continue a stopped or crashed search from its run folder, a folder or a URI as the "
+                             "first search printed it (other options are ignored)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved experiment, the resources per trial and the concurrency, then stop")
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
@@ -73,6 +87,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         ("search", "num_samples"): args.num_samples, ("search", "max_epochs"): args.max_epochs,
         ("search", "grace_period"): args.grace_period, ("search", "objective"): args.objective,
         ("search", "seed"): args.seed, ("search", "max_concurrent_trials"): args.max_concurrent_trials,
+        ("search", "algorithm"): args.algorithm, ("search", "scheduler"): args.scheduler,
         ("training", "weights"): args.weights,
         ("resources", "cpus_per_trial"): args.cpus_per_trial, ("resources", "gpus_per_trial"): args.gpus_per_trial,
         ("space", "backbone"): args.backbones, ("space", "image_size"): args.image_size,
@@ -96,8 +111,7 @@ def _run_search_command(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, overrides=_overrides(args))
     if args.dry_run:
-        _print_dry_run(config)
-        return 0
+        return _print_dry_run(config)
     if not config.data["path"]:
         from data.fetch import ensure_default_sample
 
@@ -107,7 +121,7 @@ def _run_search_command(args: argparse.Namespace) -> int:
     from search.driver import run_search
 
     outcome = run_search(config, address=args.address, progress=not args.quiet)
-    _print_data_summary(outcome.run_dir)
+    _print_data_summary(outcome.summary)
     _print_leaderboard(outcome.trials, outcome.metric)
     print(f"\nResults: {outcome.run_dir / 'trials.parquet'} and {outcome.run_dir / 'epochs.parquet'}")
     return _search_status(outcome.trials)
@@ -123,8 +137,7 @@ def _search_status(trials) -> int:
     return 0
 
 
-def _print_data_summary(run_dir: Path) -> None:
-    summary = json.loads((run_dir / "data_summary.json").read_text(encoding="utf-8"))
+def _print_data_summary(summary: dict) -> None:
     reasons = ", ".join(f"{count} {reason}" for reason, count in summary["excluded_by_reason"].items()) or "none"
     splits = ", ".join(f"{name} {values['images']} ({values['positive']} positive)"
                        for name, values in summary["splits"].items())
@@ -132,16 +145,45 @@ def _print_data_summary(run_dir: Path) -> None:
           f"{summary['groups']} groups; excluded {summary['excluded']} ({reasons}); split: {splits}")
 
 
-def _print_dry_run(config) -> None:
+def _print_dry_run(config) -> int:
+    """Print the resolved experiment, the resources and the concurrency; return 2 if the data cannot be read."""
     import yaml
 
     from search.driver import trial_concurrency
+    from search.resources import local_node
+    from spaces.tune_space import CONDITIONAL_PARAMETERS
 
-    cpus = float(os.cpu_count() or 1)
-    concurrency = trial_concurrency(config, cpus, 0.0)
+    node = local_node()
+    images, data_error = None, None
+    if config.data["path"]:
+        from data.metadata import load_dataset
+
+        try:
+            dataset = load_dataset(config.data["path"], positive_class=config.data["positive_class"],
+                                   layout=config.data["layout"])
+            images = len(dataset.records)
+        except (ValueError, OSError) as error:
+            data_error = error
+    sizes = [int(s) for s in config.space["image_size"].candidates()]
+    cache_bytes = (images or 0) * sum(size * size * 3 for size in sizes)
+    plan = trial_concurrency(config, [node], cache_bytes)
+
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-    print(f"# Each trial: {config.resources['cpus_per_trial']} CPUs, {config.resources['gpus_per_trial']} GPUs. "
-          f"On this machine ({cpus:g} CPUs, GPUs not counted): up to {concurrency} trials at once.")
+    conditional = [name for name in CONDITIONAL_PARAMETERS if name in config.space]
+    if conditional:
+        print("# Drawn only where they change the trial: smote_k with smote balancing; fine_tune_lr_multiplier "
+              "with pretrained weights, head_epochs > 0 and an unfrozen depth above 0 layers. In this space: "
+              f"{', '.join(conditional)}.")
+    print(f"# Each trial: CPUs {config.resources['cpus_per_trial']:g}, GPUs {config.resources['gpus_per_trial']:g}, "
+          f"about {plan.trial_memory_bytes / 2**30:.1f} GiB of memory (estimated for the largest configuration).")
+    cache = f"{cache_bytes / 2**30:.2f} GiB of image cache for {images} images" if images is not None else \
+        "image cache not counted (no readable --data)"
+    print(f"# On this machine ({node.cpus:g} CPUs, {node.memory_bytes / 2**30:.1f} GiB for Ray, GPUs not counted, {cache}): "
+          f"{plan.describe()}.")
+    if data_error is not None:
+        print(f"lesiontune: error: {data_error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _print_leaderboard(trials, metric: str, top: int = 10) -> None:
@@ -189,6 +231,77 @@ def _weights_download(args: argparse.Namespace) -> int:
     return 0
 
 
+class _SubmittedSearchParser(argparse.ArgumentParser):
+    """The ``python -m search`` parser, raising ValueError so that bad search options fail before the upload."""
+
+    def error(self, message: str):
+        raise ValueError(f"invalid search arguments after '--': {message}. Run python -m search --help to list them.")
+
+
+def _check_submitted_search_args(search_args: list[str]) -> None:
+    parser = _SubmittedSearchParser(prog="python -m search")
+    _add_search_arguments(parser)
+    parser.parse_args(search_args)
+
+
+def _max_upload_bytes(mib: float | None) -> int:
+    from search.submit import DEFAULT_MAX_UPLOAD_BYTES, MIB
+
+    if mib is None:
+        return DEFAULT_MAX_UPLOAD_BYTES
+    if not math.isfinite(mib):
+        raise ValueError(f"invalid --max-upload-mib {mib}. Pass a number of MiB, such as 50.")
+    return round(mib * MIB)
+
+
+def _submit_command(args: argparse.Namespace) -> int:
+    from search.submit import check_upload_size, find_ray_cli, format_largest_entries, format_size, job_submit_command
+
+    _check_submitted_search_args(args.search_args)
+    max_bytes = _max_upload_bytes(args.max_upload_mib)
+    upload = check_upload_size(args.working_dir, runtime_env=args.runtime_env, max_bytes=max_bytes)
+    print(f"Upload: {format_size(upload.package_bytes)} in {len(upload.files)} files from {upload.working_dir} "
+          f"(limit {format_size(max_bytes)})")
+    if args.check_only:
+        print("\n".join(format_largest_entries(upload)))
+        return 0
+
+    command = job_submit_command(find_ray_cli(), working_dir=args.working_dir, runtime_env=args.runtime_env,
+                                 search_args=args.search_args, address=args.address,
+                                 submission_id=args.submission_id, no_wait=args.no_wait)
+    print(f"Running: {shlex.join(command)}", flush=True)
+    return subprocess.run(command, check=False).returncode
+
+
+def _add_submit_command(commands) -> None:
+    from search.submit import DEFAULT_MAX_UPLOAD_BYTES, MIB, RAY_JOB_UPLOAD_LIMIT_BYTES
+
+    submit = commands.add_parser(
+        "submit", help="check the upload size of the working directory, then submit a search as a Ray job",
+        description="Measure what ray job submit would upload from the working directory, stop with the largest "
+                    "entries when it is too large, else run ray job submit with python -m search SEARCH_ARGS "
+                    "as the entrypoint. Put the options of python -m search after --.",
+        usage="lesiontune submit [options] -- [SEARCH_ARGS ...]")
+    submit.add_argument("--address", metavar="URL",
+                        help="the cluster's job server, e.g. http://127.0.0.1:8265, passed to ray job submit "
+                             "(RAY_API_SERVER_ADDRESS or RAY_ADDRESS override it)")
+    submit.add_argument("--runtime-env", default="runtime_env.yaml", metavar="FILE.yaml",
+                        help="runtime environment YAML whose 'excludes' apply (default: runtime_env.yaml)")
+    submit.add_argument("--working-dir", default=".", metavar="DIR",
+                        help="folder that Ray zips and uploads (default: the current directory)")
+    submit.add_argument("--max-upload-mib", type=float, metavar="MIB",
+                        help=f"largest upload accepted, in MiB, at most {RAY_JOB_UPLOAD_LIMIT_BYTES // MIB}, the "
+                             f"limit of Ray 2.60's job server (default: {DEFAULT_MAX_UPLOAD_BYTES // MIB})")
+    submit.add_argument("--submission-id", metavar="ID", help="job id, which must be new on the cluster")
+    submit.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the log")
+    submit.add_argument("--check-only", action="store_true",
+                        help="print the upload size and its largest entries, then stop without submitting")
+    submit.add_argument("--quiet", action="store_true", help="log warnings only")
+    submit.add_argument("search_args", nargs="*", metavar="SEARCH_ARGS",
+                        help="options of python -m search (the same as lesiontune search), after --")
+    submit.set_defaults(handler=_submit_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesiontune", description="Hyperparameter search for melanoma classifiers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -196,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="run a search (Optuna TPE + ASHA on Ray Tune)")
     _add_search_arguments(search)
     search.set_defaults(handler=_run_search_command)
+    _add_submit_command(commands)
 
     from results.cli import add_predict_command, add_results_commands
 

@@ -5,16 +5,24 @@ The run folder is Tune's experiment folder (``STORAGE_PATH/NAME``). Besides Tune
 uses), ``data_summary.json`` with ``data_report.parquet`` (counts per class, exclusion reason, duplicate
 kind and split), ``exclusions.parquet`` and ``duplicates.parquet``, and after the search ``trials.parquet``
 and ``epochs.parquet``.
+
+``STORAGE_PATH`` may also be a URI that ``pyarrow.fs`` reads (``s3://``, ``gs://``, ``file://``; see
+:mod:`search.storage`). The driver then prepares the data in a local staging folder and uploads its files,
+Tune writes to the URI itself, and trials get the manifest through Ray's object store instead of a file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import fnmatch
 import json
 import logging
 import math
 import os
+import shlex
 import socket
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -22,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import yaml
 
 from data.cache import build_image_cache
@@ -30,13 +39,16 @@ from data.duplicates import (CACHED_IMAGE_MAX_DISTANCE, DEFAULT_MAX_DISTANCE, co
 from data.io import write_json_atomic, write_parquet_atomic
 from data.metadata import DataError, load_dataset
 from data.splits import SplitFractions, assign_splits, write_manifest
+from search.storage import (StoragePath, check_storage_reachable, download_run_files, list_names, path_exists,
+                            read_bytes, read_text, resolve_storage_path, upload_files, write_text)
 from spaces.config import ExperimentConfig
-from spaces.tune_space import to_param_space
+from search.resources import ConcurrencyPlan, NodeResources, nodes_from_ray, plan_concurrency
+from spaces.tune_space import ConditionalSpace
 from trainables.backbones import WeightsUnavailableError, get_backbone
 from trainables.trial import TrialSetup
 
-__all__ = ["PreparedData", "SearchOutcome", "check_imagenet_weights", "default_cache_dir", "prepare_data", "resume_search",
-           "run_search", "trial_concurrency"]
+__all__ = ["PreparedData", "SearchOutcome", "cache_size", "check_imagenet_weights", "default_cache_dir", "prepare_data",
+           "resume_search", "run_search", "trial_concurrency"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +58,7 @@ SUMMARY_FILE = "data_summary.json"
 EXCLUSIONS_FILE = "exclusions.parquet"
 DATA_REPORT_FILE = "data_report.parquet"
 DUPLICATES_FILE = "duplicates.parquet"
+DATA_FILES = (MANIFEST_FILE, SUMMARY_FILE, DATA_REPORT_FILE, EXCLUSIONS_FILE, DUPLICATES_FILE)
 KERAS_WEIGHTS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 
@@ -53,16 +66,18 @@ KERAS_WEIGHTS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applicat
 class PreparedData:
     """The split manifest and one image cache per searched image size."""
 
-    manifest_path: Path
+    manifest_path: Path | str  # a local file, or in a remote run folder the manifest's URI (credentials masked)
     cache_paths: dict[int, str]
     summary: dict[str, object]
+    manifest_parquet: bytes | None = None  # the manifest file's bytes when the run folder is remote, else None
 
 
 @dataclass(frozen=True)
 class SearchOutcome:
-    run_dir: Path
+    run_dir: StoragePath  # ``str()`` and ``/`` work as on a Path, and ``str()`` masks credentials in a URI
     trials: pd.DataFrame
     metric: str
+    summary: dict[str, object]  # the content of data_summary.json
 
 
 def default_cache_dir() -> Path:
@@ -167,16 +182,23 @@ def check_imagenet_weights(backbones: list[str], image_sizes: list[int], *, orig
         ) from error
 
 
-def trial_concurrency(config: ExperimentConfig, cluster_cpus: float, cluster_gpus: float) -> int:
-    """Trials that fit at once: the configured limit, else what the CPUs and GPUs allow."""
-    limit = config.search["max_concurrent_trials"]
-    if limit:
-        return int(limit)
-    cpus, gpus = config.resources["cpus_per_trial"], config.resources["gpus_per_trial"]
-    fits = math.floor(cluster_cpus / cpus) if cpus else 1
-    if gpus:
-        fits = min(fits, math.floor(cluster_gpus / gpus))
-    return max(1, fits)
+def trial_concurrency(config: ExperimentConfig, nodes: list[NodeResources], cache_bytes: int) -> ConcurrencyPlan:
+    """Return the trials that run at once: the configured limit, else what each node's CPUs, GPUs and memory allow."""
+    return plan_concurrency(config, nodes, cache_bytes=cache_bytes)
+
+
+def cache_size(cache_paths: dict[int, str]) -> int:
+    """Return the bytes of the image caches' files."""
+    total = 0
+    for folder in cache_paths.values():
+        total += sum(path.stat().st_size for path in Path(folder).iterdir() if path.is_file())
+    return total
+
+
+def _ray_nodes() -> list[NodeResources]:
+    import ray
+
+    return nodes_from_ray(ray.nodes())
 
 
 def _run_name(config: ExperimentConfig) -> str:
@@ -187,6 +209,7 @@ def _trial_setup(config: ExperimentConfig, prepared: PreparedData) -> TrialSetup
     weights = config.training["weights"]
     return TrialSetup(
         manifest_path=str(prepared.manifest_path), cache_paths=prepared.cache_paths,
+        manifest_parquet=prepared.manifest_parquet,
         max_epochs=int(config.search["max_epochs"]),
         weights=weights if weights in ("imagenet", "none") else str(Path(weights).expanduser().resolve()),
         objective=config.search["objective"], seed=int(config.search["seed"]),
@@ -228,27 +251,57 @@ def _trainable(config: ExperimentConfig, setup: TrialSetup):
     )
 
 
-def _new_tuner(config: ExperimentConfig, setup: TrialSetup, *, name: str, storage_path: Path, concurrency: int,
-               progress: bool):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
+def _new_searcher(config: ExperimentConfig, metric: str):
+    """Return OptunaSearch over the conditional space, with TPE or, for a baseline, random sampling."""
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    metric = setup.metric
+    seed = int(config.search["seed"])
+    if config.search["algorithm"] == "random":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed)
     points = config.search["points_to_evaluate"] or None
-    searcher = ConcurrencyLimiter(OptunaSearch(seed=int(config.search["seed"]), points_to_evaluate=points),
-                                  max_concurrent=concurrency)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=int(config.search["max_epochs"]),
-                              grace_period=int(config.search["grace_period"]),
-                              reduction_factor=float(config.search["reduction_factor"]))
+    return OptunaSearch(space=ConditionalSpace(config), metric=metric, mode="max", sampler=sampler,
+                        points_to_evaluate=points)
+
+
+def _new_scheduler(config: ExperimentConfig):
+    """Return ASHA, or FIFO (every trial runs all its epochs) when ``search.scheduler`` is ``fifo``."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if config.search["scheduler"] == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=int(config.search["max_epochs"]),
+                         grace_period=int(config.search["grace_period"]),
+                         reduction_factor=float(config.search["reduction_factor"]))
+
+
+def _ray_storage(location: StoragePath) -> tuple[str, pafs.FileSystem | None]:
+    """Return Tune's ``(storage_path, storage_filesystem)`` for ``location``: the plain path and None when local.
+
+    For a URI, Tune gets the resolved filesystem and the path on it, so the URI, which may hold credentials,
+    never appears in Tune's logs.
+    """
+    return (location.path, None) if location.is_local else (location.path, location.filesystem)
+
+
+def _new_tuner(config: ExperimentConfig, setup: TrialSetup, *, name: str, storage_path: StoragePath,
+               concurrency: int, progress: bool, callbacks: list | None = None):
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    metric = setup.metric
+    searcher = ConcurrencyLimiter(_new_searcher(config, metric), max_concurrent=concurrency)
+    storage, filesystem = _ray_storage(storage_path)
     return tune.Tuner(
         _trainable(config, setup),
-        param_space=to_param_space(config.space),
-        tune_config=tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
-                                    num_samples=int(config.search["num_samples"])),
+        tune_config=tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=_new_scheduler(config),
+                                    num_samples=int(config.search["num_samples"]),
+                                    reuse_actors=bool(config.search["reuse_workers"])),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(storage_path), verbose=1 if progress else 0,
+            name=name, storage_path=storage, storage_filesystem=filesystem, verbose=1 if progress else 0,
+            callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order="max"),
             failure_config=tune.FailureConfig(max_failures=int(config.search["max_failures"])),
@@ -256,44 +309,48 @@ def _new_tuner(config: ExperimentConfig, setup: TrialSetup, *, name: str, storag
     )
 
 
-def _log_resources(config: ExperimentConfig, resources: dict[str, float], concurrency: int) -> None:
-    logger.info("Cluster has %s CPUs and %s GPUs: up to %d trials at once, each with %s CPUs and %s GPUs",
-                resources.get("CPU"), resources.get("GPU", 0), concurrency, config.resources["cpus_per_trial"],
-                config.resources["gpus_per_trial"])
+def _log_resources(config: ExperimentConfig, resources: dict[str, float], plan: ConcurrencyPlan) -> None:
+    logger.info("Cluster has %s CPUs and %s GPUs; each trial takes %s CPUs and %s GPUs: %s",
+                resources.get("CPU"), resources.get("GPU", 0), config.resources["cpus_per_trial"],
+                config.resources["gpus_per_trial"], plan.describe())
+    if plan.limited_by == "memory" and plan.trials == 1:
+        logger.warning("One trial may need more memory than a node offers (estimated %.1f GiB per trial). Lower "
+                       "space.batch_size or space.image_size, or set search.max_concurrent_trials if the estimate "
+                       "is too cautious.", plan.trial_memory_bytes / 2**30)
 
 
 def run_search(config: ExperimentConfig, *, address: str | None = None, progress: bool = True) -> SearchOutcome:
     """Prepare the data, run the search and export ``trials.parquet`` and ``epochs.parquet``."""
-    from results.export import export_run
-
     name = _run_name(config)
-    storage_path = Path(config.search["storage_path"] or Path.cwd() / "lesiontune_runs").expanduser().resolve()
+    storage_path = resolve_storage_path(config.search["storage_path"] or Path.cwd() / "lesiontune_runs")
+    check_storage_reachable(storage_path)
     run_dir = storage_path / name
-    if any(run_dir.glob("experiment_state-*.json")):
-        raise ValueError(f"Run folder {run_dir} already contains a search. Continue it with --resume {run_dir}, "
-                         "or choose another --name.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if _contains_search(run_dir):
+        raise ValueError(f"Run folder {run_dir} already contains a search. Continue it with --resume "
+                         f"{shlex.quote(str(run_dir))}, or choose another --name.")
+    # A URI is saved with its credentials masked, so the saved config never contains a secret.
     config.search["name"], config.search["storage_path"] = name, str(storage_path)
     # Absolute paths let the run be repeated from its saved config wherever the command starts.
     config.data["path"] = str(Path(config.data["path"]).expanduser().resolve())
     if config.data["cache_dir"]:
         config.data["cache_dir"] = str(Path(config.data["cache_dir"]).expanduser().resolve())
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     logger.info("Experiment %s in %s:\n%s", name, run_dir, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     if config.training["weights"] == "imagenet":
         check_imagenet_weights(list(config.space["backbone"].candidates()),
                                [int(s) for s in config.space["image_size"].candidates()])
-    prepared = prepare_data(config, run_dir, progress=progress)
+    prepared = _prepare_run_folder(config, run_dir, progress=progress)
     setup = _trial_setup(config, prepared)
 
     resources = _start_ray(address)
-    concurrency = trial_concurrency(config, resources.get("CPU", 1), resources.get("GPU", 0))
-    _log_resources(config, resources, concurrency)
-    tuner = _new_tuner(config, setup, name=name, storage_path=storage_path, concurrency=concurrency,
+    plan = trial_concurrency(config, _ray_nodes(), cache_size(prepared.cache_paths))
+    _log_resources(config, resources, plan)
+    tuner = _new_tuner(config, setup, name=name, storage_path=storage_path, concurrency=plan.trials,
                        progress=progress)
     tuner.fit()
-    return SearchOutcome(run_dir=run_dir, trials=export_run(run_dir), metric=setup.metric)
+    return SearchOutcome(run_dir=run_dir, trials=_export_run_folder(run_dir), metric=setup.metric,
+                         summary=prepared.summary)
 
 
 def resume_search(run_dir: str | os.PathLike, *, address: str | None = None, progress: bool = True) -> SearchOutcome:
@@ -304,25 +361,80 @@ def resume_search(run_dir: str | os.PathLike, *, address: str | None = None, pro
     """
     from ray import tune
 
-    from results.export import export_run
-    from spaces.config import load_config
-
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not (run_dir / CONFIG_FILE).is_file():
+    run_dir = resolve_storage_path(run_dir)
+    check_storage_reachable(run_dir)
+    if not path_exists(run_dir / CONFIG_FILE):
         raise FileNotFoundError(f"Cannot resume {run_dir}: {CONFIG_FILE} not found. Pass the run folder "
                                 "(STORAGE_PATH/NAME) that the first search printed.")
-    if not tune.Tuner.can_restore(str(run_dir)):
+    storage, filesystem = _ray_storage(run_dir)
+    if not tune.Tuner.can_restore(storage, storage_filesystem=filesystem):
         raise ValueError(f"Cannot resume {run_dir}: Ray Tune saved no experiment state there (the search stopped "
                          "before its first trial started). Start it again with 'lesiontune search'.")
-    config = load_config(run_dir / CONFIG_FILE)
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    prepared = PreparedData(manifest_path=run_dir / MANIFEST_FILE,
-                            cache_paths={int(k): v for k, v in summary["cache_paths"].items()}, summary=summary)
+    config = _load_saved_config(run_dir)
+    summary = json.loads(read_text(run_dir / SUMMARY_FILE))
+    cache_paths = {int(k): v for k, v in summary["cache_paths"].items()}
+    if run_dir.is_local:
+        prepared = PreparedData(manifest_path=Path(run_dir.path) / MANIFEST_FILE, cache_paths=cache_paths,
+                                summary=summary)
+    else:
+        prepared = PreparedData(manifest_path=str(run_dir / MANIFEST_FILE), cache_paths=cache_paths, summary=summary,
+                                manifest_parquet=read_bytes(run_dir / MANIFEST_FILE))
     setup = _trial_setup(config, prepared)
 
     _start_ray(address)
     logger.info("Resuming %s", run_dir)
-    tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(config, setup), resume_unfinished=True,
-                               resume_errored=True)
+    tuner = tune.Tuner.restore(storage, trainable=_trainable(config, setup), resume_unfinished=True,
+                               resume_errored=True, storage_filesystem=filesystem)
     tuner.fit()
-    return SearchOutcome(run_dir=run_dir, trials=export_run(run_dir), metric=setup.metric)
+    return SearchOutcome(run_dir=run_dir, trials=_export_run_folder(run_dir), metric=setup.metric, summary=summary)
+
+
+def _contains_search(run_dir: StoragePath) -> bool:
+    """Return whether Tune saved an experiment state in ``run_dir``."""
+    return any(fnmatch.fnmatch(name, "experiment_state-*.json") for name in list_names(run_dir))
+
+
+def _prepare_run_folder(config: ExperimentConfig, run_dir: StoragePath, *, progress: bool) -> PreparedData:
+    """Run :func:`prepare_data` into ``run_dir``; for a remote run folder, into a staging folder then uploaded.
+
+    Trials of a remote run may run on nodes that cannot read the driver's disk, so they get the manifest's
+    bytes in their :class:`TrialSetup`, which ``tune.with_parameters`` ships through Ray's object store.
+    """
+    if run_dir.is_local:
+        return prepare_data(config, Path(run_dir.path), progress=progress)
+
+    with tempfile.TemporaryDirectory(prefix="lesiontune-staging-") as staging:
+        prepared = prepare_data(config, Path(staging), progress=progress)
+        upload_files(Path(staging), run_dir, DATA_FILES)
+        manifest_parquet = (Path(staging) / MANIFEST_FILE).read_bytes()
+    logger.info("Uploaded %s to %s", ", ".join(DATA_FILES), run_dir)
+    return dataclasses.replace(prepared, manifest_path=str(run_dir / MANIFEST_FILE), manifest_parquet=manifest_parquet)
+
+
+def _export_run_folder(run_dir: StoragePath) -> pd.DataFrame:
+    """Write ``trials.parquet`` and ``epochs.parquet`` into ``run_dir``; return the trials table.
+
+    ``export_run`` reads Tune's trial folders from a local disk, so a remote run folder is exported from a
+    local copy of its files without the checkpoints, and the two tables are uploaded.
+    """
+    from results.export import EPOCHS_FILE, TRIALS_FILE, export_run
+
+    if run_dir.is_local:
+        return export_run(Path(run_dir.path))
+    with tempfile.TemporaryDirectory(prefix="lesiontune-export-") as local:
+        download_run_files(run_dir, Path(local))
+        trials = export_run(local)
+        upload_files(Path(local), run_dir, (TRIALS_FILE, EPOCHS_FILE))
+    return trials
+
+
+def _load_saved_config(run_dir: StoragePath) -> ExperimentConfig:
+    """Read ``lesiontune_config.yaml`` of ``run_dir`` through :func:`spaces.config.load_config`."""
+    from spaces.config import load_config
+
+    if run_dir.is_local:
+        return load_config(Path(run_dir.path) / CONFIG_FILE)
+    with tempfile.TemporaryDirectory(prefix="lesiontune-config-") as local:
+        copy = Path(local) / CONFIG_FILE
+        copy.write_bytes(read_bytes(run_dir / CONFIG_FILE))
+        return load_config(copy)

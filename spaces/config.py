@@ -7,7 +7,7 @@ A file sets any of five sections; every key is optional and defaults to the valu
                  cache_dir: null}
     search:     {name: null, objective: pauc80, num_samples: 20, max_epochs: 8, grace_period: 1,
                  reduction_factor: 2, seed: 0, max_concurrent_trials: null, storage_path: null, max_failures: 2,
-                 points_to_evaluate: []}
+                 points_to_evaluate: [], algorithm: tpe, scheduler: asha, reuse_workers: true}
     training:   {weights: none, head_epochs: 1, fine_tune_learning_rate_multiplier: 0.1,
                  specificity_target: 0.8, sensitivity_target: 0.866, mixed_precision: false, jit_compile: auto}
     resources:  {cpus_per_trial: 1, gpus_per_trial: 0}
@@ -41,6 +41,8 @@ __all__ = ["ConfigError", "ExperimentConfig", "Parameter", "default_config_dict"
 CONFIG_VERSION = 1
 POSITIVE_CLASSES = ("melanoma", "malignant")
 LAYOUTS = ("auto", "isic-cli", "ham10000", "isic2020", "isic2019", "class-folders")
+ALGORITHMS = ("tpe", "random")
+SCHEDULERS = ("asha", "fifo")
 
 
 class ConfigError(ValueError):
@@ -55,7 +57,8 @@ def default_config_dict() -> dict[str, Any]:
                  "validation_fraction": 0.15, "test_fraction": 0.15, "cache_dir": None},
         "search": {"name": None, "objective": "pauc80", "num_samples": 20, "max_epochs": 8, "grace_period": 1,
                    "reduction_factor": 2, "seed": 0, "max_concurrent_trials": None, "storage_path": None,
-                   "max_failures": 2, "points_to_evaluate": []},
+                   "max_failures": 2, "points_to_evaluate": [], "algorithm": "tpe", "scheduler": "asha",
+                   "reuse_workers": True},
         "training": {"weights": "none", "head_epochs": 1, "fine_tune_learning_rate_multiplier": 0.1,
                      "specificity_target": 0.8, "sensitivity_target": 0.866, "mixed_precision": False,
                      "jit_compile": "auto"},
@@ -255,6 +258,12 @@ def _validate_sections(merged: dict[str, Any], source: str) -> None:
     check("search.reduction_factor", search["reduction_factor"],
           _is_number(search["reduction_factor"]) and search["reduction_factor"] > 1, "a number > 1")
     check("search.seed", search["seed"], _is_int(search["seed"]), "an integer")
+    check("search.algorithm", search["algorithm"], search["algorithm"] in ALGORITHMS,
+          "tpe (Optuna's TPE sampler) or random (uniform draws, a baseline)")
+    check("search.scheduler", search["scheduler"], search["scheduler"] in SCHEDULERS,
+          "asha (stop weak trials early) or fifo (every trial runs max_epochs)")
+    check("search.reuse_workers", search["reuse_workers"], isinstance(search["reuse_workers"], bool),
+          "true (a finished trial's worker process runs the next trial) or false (a new process per trial)")
     check("search.max_failures", search["max_failures"], _is_int(search["max_failures"]) and search["max_failures"] >= 0,
           "an integer >= 0 (retries of a trial whose worker died)")
     for name in ("name", "storage_path"):

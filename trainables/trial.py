@@ -68,6 +68,9 @@ class TrialSetup:
     mixed_precision: bool = False  # compute in float16 with float32 weights (Keras "mixed_float16" policy)
     jit_compile: bool | str = "auto"  # XLA compilation of the train step: "auto", True or False
     gpus_per_trial: float = 0.0  # GPUs that Ray reserves for the trial. A fraction below 1 caps its GPU memory.
+    # The manifest file's bytes, read instead of ``manifest_path`` when set: a run folder in object storage
+    # is not a path that trials can open.
+    manifest_parquet: bytes | None = None
 
     @property
     def metric(self) -> str:
@@ -107,7 +110,7 @@ def _load_inputs(setup: TrialSetup, config: dict):
     from data.cache import open_image_cache
     from data.splits import read_manifest
 
-    manifest = read_manifest(setup.manifest_path)
+    manifest = read_manifest(setup.manifest_path if setup.manifest_parquet is None else setup.manifest_parquet)
     size = int(config["image_size"])
     if size not in setup.cache_paths and str(size) not in setup.cache_paths:
         raise ValueError(f"No image cache for image_size {size} px; caches exist for {sorted(setup.cache_paths)}.")
@@ -118,6 +121,14 @@ def _load_inputs(setup: TrialSetup, config: dict):
     balanced = balance_rows(train["cache_row"].to_numpy(), train["label"].to_numpy(),
                             method=config["balancing"], seed=setup.seed, images=cache.images, smote_k=smote_k)
     return cache.images, balanced, validation["cache_row"].to_numpy(), validation["label"].to_numpy()
+
+
+def _augmentation_workers(setup: TrialSetup) -> int:
+    """Return the augmentation processes of a trial: one per CPU it was given, none with a single CPU.
+
+    With one CPU a worker process would only add copies to and from shared memory.
+    """
+    return setup.cpus_per_trial if setup.cpus_per_trial > 1 else 0
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -137,6 +148,11 @@ def _epoch_report(metrics, *, epoch: int, loss: float, seconds: float, setup: Tr
     return report
 
 
+def _setup_state(setup: TrialSetup) -> dict[str, object]:
+    """Return the setup as saved in a checkpoint's ``state.json``, without the manifest's bytes."""
+    return {key: value for key, value in asdict(setup).items() if key != "manifest_parquet"}
+
+
 def _save_checkpoint(directory: Path, model, state: dict, scores: np.ndarray) -> None:
     model.save(directory / MODEL_FILE)
     np.save(directory / SCORES_FILE, scores.astype(np.float32))
@@ -151,6 +167,7 @@ def train_classifier(config: dict, setup: TrialSetup) -> None:
     worker may have died. A failure that a retry cannot fix leaves a marker in the trial folder, so the
     retry fails at once instead of training again.
     """
+    started = time.perf_counter()
     from ray import tune
 
     from trainables.backbones import WeightsUnavailableError
@@ -159,13 +176,13 @@ def train_classifier(config: dict, setup: TrialSetup) -> None:
     if marker.is_file():
         raise TrialNotRetriedError(f"Not retried: {marker.read_text(encoding='utf-8')}")
     try:
-        _train(config, setup)
+        _train(config, setup, started=started)
     except (TrialDivergedError, WeightsUnavailableError, ValueError, FileNotFoundError) as error:
         marker.write_text(f"{type(error).__name__}: {error}", encoding="utf-8")
         raise
 
 
-def _train(config: dict, setup: TrialSetup) -> None:
+def _train(config: dict, setup: TrialSetup, *, started: float) -> None:
     import keras
     from ray import tune
 
@@ -177,6 +194,8 @@ def _train(config: dict, setup: TrialSetup) -> None:
 
     _check_config(config)
     configure_tensorflow(cpus=setup.cpus_per_trial, gpus_per_trial=setup.gpus_per_trial)
+    # A reused worker process still holds the previous trial's models and layer-name counters.
+    keras.backend.clear_session()
     set_precision_policy(mixed_precision=setup.mixed_precision)
     images, balanced, validation_rows, validation_labels = _load_inputs(setup, config)
     size, batch_size = int(config["image_size"]), int(config["batch_size"])
@@ -186,7 +205,7 @@ def _train(config: dict, setup: TrialSetup) -> None:
     train_data = make_dataset(images, balanced.rows, balanced.labels, batch_size=batch_size,
                               augmentation=augmentation, shuffle=True, seed=setup.seed,
                               sample_weights=balanced.sample_weights, partner_rows=balanced.partner_rows,
-                              blend_weights=balanced.blend_weights)
+                              blend_weights=balanced.blend_weights, num_workers=_augmentation_workers(setup))
     validation_data = make_dataset(images, validation_rows, validation_labels.astype(np.float32),
                                    batch_size=batch_size)
 
@@ -206,6 +225,7 @@ def _train(config: dict, setup: TrialSetup) -> None:
         trainable_layers = int(state["metrics"].get("trainable_weight_layers") or 0)
         logger.info("Resuming trial from its checkpoint after epoch %d", start_epoch)
 
+    setup_seconds = time.perf_counter() - started
     for epoch in range(start_epoch, setup.max_epochs):
         head_only = classifier.pretrained and unfrozen != 0 and epoch < setup.head_epochs
         next_phase = "head" if head_only else "fine_tune"
@@ -219,7 +239,7 @@ def _train(config: dict, setup: TrialSetup) -> None:
             logger.info("Epoch %d: %s phase, %d backbone weight layers trainable, learning rate %.3g",
                         epoch + 1, phase, trainable_layers, rate)
 
-        started = time.perf_counter()
+        epoch_started = time.perf_counter()
         history = classifier.model.fit(train_data, epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=0)
         loss = float(history.history["loss"][-1])
         if not math.isfinite(loss):
@@ -231,11 +251,12 @@ def _train(config: dict, setup: TrialSetup) -> None:
             raise TrialDivergedError(f"Validation scores contain NaN after epoch {epoch + 1}; the trial diverged.")
         metrics = evaluate_scores(validation_labels, scores, specificity_target=setup.specificity_target,
                                   sensitivity_target=setup.sensitivity_target)
-        report = _epoch_report(metrics, epoch=epoch + 1, loss=loss, seconds=time.perf_counter() - started,
+        report = _epoch_report(metrics, epoch=epoch + 1, loss=loss, seconds=time.perf_counter() - epoch_started,
                                setup=setup, trainable_layers=trainable_layers)
+        report["setup_seconds"] = setup_seconds
 
         with tempfile.TemporaryDirectory(prefix="lesiontune-checkpoint-") as directory:
             state = {"epoch": epoch + 1, "phase": phase, "threshold": metrics.threshold,
-                     "metrics": report, "config": config, "setup": asdict(setup)}
+                     "metrics": report, "config": config, "setup": _setup_state(setup)}
             _save_checkpoint(Path(directory), classifier.model, state, scores)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))

@@ -52,11 +52,29 @@ def test_search_learning_rate_low_above_high(tmp_path, capsys):
 
 
 def test_python_m_search_dry_run(tmp_path, capsys):
+    for label, count in (("melanoma", 3), ("nevus", 5)):
+        (tmp_path / label).mkdir()
+        for index in range(count):
+            (tmp_path / label / f"{label}_{index}.jpg").write_bytes(b"not decoded by a dry run")
+
     status, out, _ = _run(capsys, ["--data", str(tmp_path), "--backbones", "MobileNetV2", "--image-size", "64",
                                    "--dry-run"], entry=search_main)
+
     assert status == 0
     assert "backbone: MobileNetV2" in out
     assert "image_size: 64" in out
+    assert "image cache for 8 images" in out
+    assert "trials at once, limited by cpu" in out or "1 trial at once" in out
+
+
+def test_dry_run_names_conditional_parameters(tmp_path, capsys):
+    status, out, err = _run(capsys, ["search", "--data", str(tmp_path), "--backbones", "MobileNetV2",
+                                     "--image-size", "64", "--dry-run"])
+
+    assert "Drawn only where they change the trial" in out
+    assert "In this space: smote_k." in out
+    assert status == 2
+    assert str(tmp_path) in err
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (real ISIC images) is absent")
