@@ -4,4 +4,7 @@ import sys
 
 from search.cli import search_main
 
-sys.exit(search_main())
+# The guard keeps worker processes started with spawn or forkserver, which import the main module
+# again, from starting a search of their own.
+if __name__ == "__main__":
+    sys.exit(search_main())
