@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -107,3 +108,8 @@ def test_killed_driver_resumes_without_loss(tmp_path):
         assert epochs[trial_id] == before, f"finished trial {trial_id} was rerun"
     for trial_id, trial_epochs in epochs.items():
         assert trial_epochs == sorted(set(trial_epochs)), f"trial {trial_id} repeated epochs {trial_epochs}"
+    # The resumed search kept TPE over the conditional space, with the trials told before the kill.
+    searcher = pickle.loads(max(run.glob("searcher-state-*.pkl")).read_bytes())
+    assert type(searcher["_sampler"]).__name__ == "TPESampler"
+    assert type(searcher["_space"]).__name__ == "ConditionalSpace"
+    assert len(searcher["_ot_study"].trials) == 4
