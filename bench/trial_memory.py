@@ -13,8 +13,7 @@ thread in the task samples its own ``RssAnon`` (private) and ``RssFile`` (mapped
   ``tf.data`` dataset, as in the other modes. It sets the model's share: weights, optimizer state,
   activations, Keras's training loop and TensorFlow itself.
 - ``pipeline``: ``data.pipeline.make_dataset`` over the memory-mapped cache, shuffled, augmented at
-  intensity 0.5 in the loading thread (``num_workers=0``), as a trial with one CPU reads it. Trials
-  with more CPUs augment in worker processes, whose memory this script does not measure.
+  intensity 0.5 on its thread pool, as a trial reads it.
 - ``loaded`` (the baseline): the same pipeline over a copy of the whole cache read into the task's
   memory, as a loader without a memory map would do.
 
@@ -118,7 +117,7 @@ def train_task(mode: str, cache_path: str, manifest_path: str, image_size: int, 
                                 seed=seed)
         dataset = make_dataset(images, balanced.rows, balanced.labels, batch_size=batch_size,
                                augmentation=build_augmentation(0.5, image_size=image_size), shuffle=True, seed=seed,
-                               sample_weights=balanced.sample_weights, drop_remainder=True, num_workers=0)
+                               sample_weights=balanced.sample_weights, drop_remainder=True)
         classifier.model.fit(dataset.repeat(), steps_per_epoch=steps, epochs=1, verbose=0)
 
     seconds = time.perf_counter() - started

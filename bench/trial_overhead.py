@@ -5,14 +5,18 @@ melanoma versus the rest, MobileNetV2 from scratch at 64 px, with every hyperpar
 FIFO scheduler, so each trial does the same work. A Tune callback in the driver notes when each trial
 is added and when it completes. Each trial reports ``setup_seconds`` (from the start of the trial
 function to its first epoch: imports, reading the manifest and cache, building the model) and
-``epoch_seconds`` (fit on the training split, predict on validation, metrics). The share is the sum
-of ``epoch_seconds`` over the trial's wall time from "added" to "completed", so it also counts
-Ray's scheduling, the start of the worker process, and checkpoints.
+``epoch_seconds`` (fit on the training split, predict on validation, metrics). Two shares:
+
+- per trial: the sum of its ``epoch_seconds`` over its wall time from Tune's ``on_trial_start``
+  (its worker process is up) to its completion, which counts the trial's imports, data loading,
+  model build and checkpoints;
+- per search: the sum of ``epoch_seconds`` of all trials over the trial slots times the wall time of
+  ``Tuner.fit``, which also counts starting worker processes and Ray's scheduling.
 
 The same trials run twice: with a new worker process per trial (Ray Tune's default, the baseline)
 and with ``search.reuse_workers: true``, where a finished trial's worker runs the next trial and
-TensorFlow stays imported. ``ratio`` is the mean share with reused workers over the mean share
-with fresh ones.
+TensorFlow stays imported. ``ratio`` is the per-search share with reused workers over the one with
+fresh workers.
 
 Run from the repository root::
 
@@ -48,26 +52,42 @@ def parse_arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def make_timing_callback():
+def make_timing_callback(log_path: Path):
+    """Return a Tune callback that appends when each trial starts and completes to ``log_path``.
+
+    A file, because Tune keeps its own copy of the callbacks in the run config.
+    """
     from ray.tune import Callback
 
     class TrialTimes(Callback):
-        """Driver-side clock of each trial: when Tune added it and when it completed."""
+        """Callback that notes the time at which each trial's actor has started and the trial completes."""
 
-        def __init__(self):
-            self.added: dict[str, float] = {}
-            self.completed: dict[str, float] = {}
+        def __init__(self, path: str):
+            self.path = path
 
-        def on_trial_add(self, iteration, trials, trial, **info):
-            self.added[trial.trial_id] = time.monotonic()
+        def _note(self, event: str, trial) -> None:
+            with open(self.path, "a", encoding="utf-8") as log:
+                log.write(json.dumps({"event": event, "trial_id": trial.trial_id, "time": time.monotonic()}) + "\n")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._note("started", trial)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.completed[trial.trial_id] = time.monotonic()
+            self._note("completed", trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.completed[trial.trial_id] = time.monotonic()
+            self._note("completed", trial)
 
-    return TrialTimes()
+    return TrialTimes(str(log_path))
+
+
+def read_timing(log_path: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Return (started, completed) times by trial id from the callback's log."""
+    started, completed = {}, {}
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        (started if entry["event"] == "started" else completed)[entry["trial_id"]] = entry["time"]
+    return started, completed
 
 
 def build_config(arguments: argparse.Namespace, storage: Path, reuse: bool):
@@ -100,20 +120,24 @@ def run_mode(arguments: argparse.Namespace, storage: Path, mode: str, prepared_b
         prepared = driver.prepare_data(config, run_dir, progress=False)
         prepared_by_size["prepared"] = prepared
     setup = driver._trial_setup(config, prepared)
-    timing = make_timing_callback()
+    log_path = storage / f"timing-{mode}.jsonl"
+    timing = make_timing_callback(log_path)
     tuner = driver._new_tuner(config, setup, name=f"overhead-{mode}", storage_path=resolve_storage_path(storage),
                               concurrency=arguments.concurrent, progress=False, callbacks=[timing])
+    fit_started = time.monotonic()
     results = tuner.fit()
+    fit_seconds = time.monotonic() - fit_started
+    added, completed = read_timing(log_path)
 
     rows = []
     for result in results:
         folder_name = Path(result.path).name if result.path else ""
         # Tune names a trial's folder after the trainable, then the trial id.
-        trial_id = next((key for key in timing.added if key in folder_name), None)
+        trial_id = next((key for key in added if key in folder_name), None)
         history = result.metrics_dataframe
         wall = None
-        if trial_id in timing.completed:
-            wall = timing.completed[trial_id] - timing.added[trial_id]
+        if trial_id in completed:
+            wall = completed[trial_id] - added[trial_id]
         epoch_seconds = float(history["epoch_seconds"].sum()) if history is not None else 0.0
         rows.append({
             "mode": mode, "trial": trial_id, "epochs": int(len(history)) if history is not None else 0,
@@ -121,6 +145,7 @@ def run_mode(arguments: argparse.Namespace, storage: Path, mode: str, prepared_b
             "epoch_seconds": epoch_seconds,
             "share": epoch_seconds / wall if wall else None,
             "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:200],
+            "search_seconds": fit_seconds,
         })
     return rows
 
@@ -167,6 +192,11 @@ def main() -> int:
         print(f"trial {row['trial']} ({row['mode']}) failed: {row['error']}", file=sys.stderr)
     shares = {mode: [row["share"] for row in rows if row["mode"] == mode and row["share"] is not None]
               for mode in arguments.modes}
+    search_shares = {}
+    for mode in arguments.modes:
+        mode_rows = [row for row in rows if row["mode"] == mode]
+        slots_seconds = arguments.concurrent * mode_rows[0]["search_seconds"]
+        search_shares[mode] = round(sum(row["epoch_seconds"] for row in mode_rows) / slots_seconds, 4)
     means = {mode: round(statistics.mean(values), 4) if values else None for mode, values in shares.items()}
     walls = {mode: round(statistics.mean(row["wall_seconds"] for row in rows if row["mode"] == mode
                                          and row["wall_seconds"]), 1) for mode in arguments.modes}
@@ -180,8 +210,10 @@ def main() -> int:
         "mean_wall_seconds": walls,
         "share_fresh": means.get("fresh"), "share_reused": means.get("reused"),
         "min_share": {mode: round(min(values), 4) for mode, values in shares.items() if values},
+        "search_share": search_shares,
         "failed_trials": len(failed),
-        "ratio": round(means["reused"] / means["fresh"], 3) if means.get("reused") and means.get("fresh") else None,
+        "ratio": round(search_shares["reused"] / search_shares["fresh"], 3)
+        if "reused" in search_shares and "fresh" in search_shares else None,
     }
     print(json.dumps(figures))
     return 1 if failed else 0

@@ -3,29 +3,21 @@
 The pipeline carries only row positions through tf.data. Each batch of
 positions goes to one `tf.numpy_function`, which gathers the batch's rows
 from the image array (usually a read-only `np.memmap`, so only those rows
-are read). Augmentation then runs in worker processes: the batch goes to a
-shared-memory block, each worker augments a slice of it in place, and the
-caller copies the result out. Albumentations spends much of its time in
-Python, which holds the global interpreter lock: two threads augmented only
-1.2 times as fast as one on 2 cores. Casting to float32 happens after the
-function returns and after the prefetch buffer, so only uint8 pixels cross the
-Python boundary and wait in the buffer.
+are read) and augments the images on a thread pool. OpenCV releases the GIL
+while it works, so the threads overlap in the OpenCV calls. Casting to float32 happens after the
+function returns and after the prefetch buffer, so only uint8 pixels cross the Python boundary and
+wait in the buffer.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import multiprocessing
 import numbers
 import os
-import pickle
 import random
 import threading
-import uuid
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import shared_memory
+from concurrent.futures import ThreadPoolExecutor
 
 import albumentations as A
 import cv2
@@ -34,16 +26,13 @@ import tensorflow as tf
 
 logger = logging.getLogger(__name__)
 
-# Tasks per worker for each batch. More tasks balance the workers better when one of them
+# Tasks per thread for each batch. More tasks balance the threads better when one of them
 # falls behind, and fewer tasks cost less in scheduling.
-_CHUNKS_PER_WORKER = 2
+_CHUNKS_PER_THREAD = 2
 
-# Augmentations that one worker process keeps unpickled, by token, so a batch does not pay for
-# unpickling the transform again (about 1.4 ms for the intensity 0.5 preset).
-_WORKER_CACHE_SIZE = 8
-
-_pools: dict[int, ProcessPoolExecutor] = {}
-_pools_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+_executor_threads = 0
+_executor_lock = threading.Lock()
 
 
 def make_dataset(
@@ -59,7 +48,6 @@ def make_dataset(
     drop_remainder: bool = False,
     partner_rows: np.ndarray | None = None,
     blend_weights: np.ndarray | None = None,
-    num_workers: int | None = None,
 ) -> tf.data.Dataset:
     """Build a batched, prefetched tf.data pipeline over rows of an image array.
 
@@ -86,11 +74,6 @@ def make_dataset(
             dataset is then the blend `(1 - blend_weights[i]) * images[rows[i]] + blend_weights[i] *
             images[partner_rows[i]]`, rounded to uint8 before augmentation (SMOTE-style balancing).
         blend_weights: `(M,)` weights in [0, 1] aligned with `rows`; required with `partner_rows`.
-        num_workers: processes that augment images, shared by every dataset of this process with the
-            same number. None starts one per usable CPU core, and 0 augments in the tf.data thread that
-            loads the batch. Without augmentation no process starts. The images are the same for any value.
-            Workers start with multiprocessing's forkserver method, which imports the main module again,
-            so a script that builds the dataset needs the ``if __name__ == "__main__":`` guard.
 
     Returns:
         A dataset of `(x, y)`, or `(x, y, w)` when `sample_weights` is given:
@@ -111,12 +94,11 @@ def make_dataset(
         sample_weights = _checked_sample_weights(sample_weights, num_rows=rows.shape[0])
     _check_batching(batch_size, drop_remainder=drop_remainder, num_rows=rows.shape[0])
     _check_augmentation(augmentation)
-    num_workers = _checked_num_workers(num_workers)
     blend = None
     if partner_rows is not None or blend_weights is not None:
         blend = _checked_blend(partner_rows, blend_weights, num_images=images.shape[0], num_rows=rows.shape[0])
 
-    loader = _BatchLoader(images=images, rows=rows, augmentation=augmentation, blend=blend, num_workers=num_workers)
+    loader = _BatchLoader(images=images, rows=rows, augmentation=augmentation, blend=blend)
     image_size = images.shape[1]
     static_batch = batch_size if drop_remainder else None
     label_table = tf.constant(labels)
@@ -149,7 +131,7 @@ def make_dataset(
         images.shape[0],
         image_size,
         batch_size,
-        f"on ({num_workers} worker processes)" if augmentation is not None else "off",
+        "on" if augmentation is not None else "off",
         shuffle,
         seed,
     )
@@ -159,20 +141,16 @@ def make_dataset(
 
 
 class _BatchLoader:
-    """Batch loader: gathers the rows of a batch, blends SMOTE pairs and augments the images."""
+    """Gathers a batch of rows, blends SMOTE pairs and augments the images on the shared thread pool."""
 
     def __init__(self, *, images: np.ndarray, rows: np.ndarray, augmentation: A.Compose | None,
-                 blend: tuple[np.ndarray, np.ndarray] | None = None, num_workers: int = 0):
+                 blend: tuple[np.ndarray, np.ndarray] | None = None):
         self._images = images
         self._rows = rows
         self._augmentation = augmentation
         self._blend = blend
-        self._num_workers = num_workers
-        # Workers keep the unpickled augmentation under this token, which is new for each dataset.
-        self._token = uuid.uuid4().hex
-        self._payload = pickle.dumps(augmentation) if augmentation is not None and num_workers > 0 else b""
-        # tf.data may load several batches at once, and Albumentations transforms keep their random
-        # generators as attributes, so each loading thread augments with its own copy.
+        # Albumentations transforms keep their random generators as attributes,
+        # so each worker thread gets its own copy of the augmentation.
         self._thread_state = threading.local()
 
     def __call__(self, positions: np.ndarray, batch_seed: np.int64) -> np.ndarray:
@@ -187,43 +165,14 @@ class _BatchLoader:
         # Batch seeds from tf.data are signed int64, but SeedSequence needs a non-negative integer.
         entropy = int(batch_seed) & 0xFFFF_FFFF_FFFF_FFFF
         image_seeds = np.random.SeedSequence(entropy).generate_state(batch.shape[0], dtype=np.uint64)
-        if self._num_workers == 0:
-            augmentation = getattr(self._thread_state, "augmentation", None)
-            if augmentation is None:
-                augmentation = copy.deepcopy(self._augmentation)
-                self._thread_state.augmentation = augmentation
-            _augment_slice(augmentation, batch, range(batch.shape[0]), image_seeds)
-            return batch
-        return self._augment_in_workers(batch, image_seeds)
-
-    def _augment_in_workers(self, batch: np.ndarray, image_seeds: np.ndarray) -> np.ndarray:
-        pool = _process_pool(self._num_workers)
-        block = shared_memory.SharedMemory(create=True, size=batch.nbytes)
-        try:
-            shared = np.ndarray(batch.shape, dtype=np.uint8, buffer=block.buf)
-            shared[...] = batch
-            num_chunks = min(batch.shape[0], self._num_workers * _CHUNKS_PER_WORKER)
-            bounds = np.linspace(0, batch.shape[0], num_chunks + 1).astype(int)
-            try:
-                futures = [
-                    pool.submit(_augment_shared_slice, block.name, batch.shape, int(start), int(stop),
-                                image_seeds[start:stop], self._token, self._payload)
-                    for start, stop in zip(bounds[:-1], bounds[1:]) if stop > start
-                ]
-                for future in futures:
-                    future.result()
-            except BrokenProcessPool as error:
-                # The next batch starts a new pool, so a search can retry the trial in this process.
-                _discard_pool(self._num_workers, pool)
-                raise RuntimeError(
-                    f"An augmentation worker process died (pool of {self._num_workers}), for example killed for "
-                    "lack of memory. Lower num_workers or the batch size, or check the system log."
-                ) from error
-            batch[...] = shared
-            del shared
-        finally:
-            block.close()
-            block.unlink()
+        executor, num_threads = _shared_executor()
+        num_chunks = min(batch.shape[0], num_threads * _CHUNKS_PER_THREAD)
+        futures = [
+            executor.submit(self._augment_in_place, batch, indices, image_seeds[indices])
+            for indices in np.array_split(np.arange(batch.shape[0]), num_chunks)
+        ]
+        for future in futures:
+            future.result()
         return batch
 
     def _blend_in_place(self, batch: np.ndarray, positions: np.ndarray) -> None:
@@ -238,91 +187,48 @@ class _BatchLoader:
         mixed = (1.0 - weight) * batch[synthetic].astype(np.float32) + weight * partners
         batch[synthetic] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
+    def _augment_in_place(self, batch: np.ndarray, indices: np.ndarray, image_seeds: np.ndarray) -> None:
+        augmentation = getattr(self._thread_state, "augmentation", None)
+        if augmentation is None:
+            augmentation = copy.deepcopy(self._augmentation)
+            self._thread_state.augmentation = augmentation
 
-def _augment_slice(augmentation: A.Compose, batch: np.ndarray, indices, image_seeds: np.ndarray) -> None:
-    """Augment ``batch[i]`` in place for each index, each image with its own seed."""
-    for index, image_seed in zip(indices, image_seeds):
-        batch[index] = _augment_one(augmentation, batch[index], int(image_seed))
+        for index, image_seed in zip(indices, image_seeds):
+            batch[index] = self._augment_one(augmentation, batch[index], int(image_seed))
 
+    @staticmethod
+    def _augment_one(augmentation: A.Compose, image: np.ndarray, seed: int) -> np.ndarray:
+        # The whole Compose shares one generator pair. Compose.set_random_seed in
+        # albumentations 2.0.8 gives every transform its own generator with the
+        # same seed, which makes transforms with equal p fire together.
+        augmentation.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        augmented = augmentation(image=image)["image"]
 
-def _augment_one(augmentation: A.Compose, image: np.ndarray, seed: int) -> np.ndarray:
-    # The whole Compose shares one generator pair. Compose.set_random_seed in
-    # albumentations 2.0.8 gives every transform its own generator with the
-    # same seed, which makes transforms with equal p fire together.
-    augmentation.set_random_state(np.random.default_rng(seed), random.Random(seed))
-    augmented = augmentation(image=image)["image"]
-
-    if augmented.shape != image.shape or augmented.dtype != np.uint8:
-        raise ValueError(
-            f"augmentation returned an image of shape {augmented.shape} and dtype {augmented.dtype} "
-            f"for an input of shape {image.shape} and dtype uint8. The pipeline needs both unchanged: "
-            "remove resizing, cropping or dtype-changing transforms, or resize the image cache instead."
-        )
-    return augmented
-
-
-# State of a worker process: augmentations by token, oldest first.
-_worker_augmentations: dict[str, A.Compose] = {}
-
-
-def _augment_shared_slice(block_name: str, shape: tuple[int, ...], start: int, stop: int, image_seeds: np.ndarray,
-                          token: str, payload: bytes) -> None:
-    """Augment rows [start, stop) of the batch in shared-memory block ``block_name``, in a worker process."""
-    augmentation = _worker_augmentations.get(token)
-    if augmentation is None:
-        augmentation = pickle.loads(payload)
-        _worker_augmentations[token] = augmentation
-        while len(_worker_augmentations) > _WORKER_CACHE_SIZE:
-            del _worker_augmentations[next(iter(_worker_augmentations))]
-    block = shared_memory.SharedMemory(name=block_name)
-    try:
-        batch = np.ndarray(shape, dtype=np.uint8, buffer=block.buf)
-        _augment_slice(augmentation, batch, range(start, stop), image_seeds)
-        del batch
-    finally:
-        block.close()
+        if augmented.shape != image.shape or augmented.dtype != np.uint8:
+            raise ValueError(
+                f"augmentation returned an image of shape {augmented.shape} and dtype {augmented.dtype} "
+                f"for an input of shape {image.shape} and dtype uint8. The pipeline needs both unchanged: "
+                "remove resizing, cropping or dtype-changing transforms, or resize the image cache instead."
+            )
+        return augmented
 
 
-def _start_worker() -> None:
-    # Each worker augments one image at a time, and the pool already runs one worker per core, so
-    # OpenCV's own threads would only add hand-offs.
-    cv2.setNumThreads(1)
-
-
-def _process_pool(num_workers: int) -> ProcessPoolExecutor:
-    """Return the process-wide pool of ``num_workers`` augmentation processes, starting it on first use."""
-    with _pools_lock:
-        pool = _pools.get(num_workers)
-        if pool is None:
-            # forkserver starts workers from a clean server process, not by forking this one, which
-            # may run TensorFlow and Ray threads. The server imports the augmentation module once.
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["data.augment"])
-            pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=context, initializer=_start_worker)
-            _pools[num_workers] = pool
-            logger.debug("Started %d augmentation processes", num_workers)
-        return pool
-
-
-def _discard_pool(num_workers: int, pool: ProcessPoolExecutor) -> None:
-    with _pools_lock:
-        if _pools.get(num_workers) is pool:
-            del _pools[num_workers]
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _usable_cores() -> int:
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    return len(usable) if usable else os.cpu_count() or 1
-
-
-def _checked_num_workers(num_workers: int | None) -> int:
-    if num_workers is None:
-        return _usable_cores()
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer >= 0 or None, got {num_workers!r}. Pass the number of "
-                         "augmentation processes, 0 to augment in the loading thread, or None for one per CPU core.")
-    return int(num_workers)
+def _shared_executor() -> tuple[ThreadPoolExecutor, int]:
+    """Return the process-wide augmentation thread pool, with one thread per usable CPU core, and its size."""
+    # NOTE: "usable" means the process's CPU affinity, not a Ray trial's CPU reservation, so
+    # several trials on one node each start a thread per core and oversubscribe the node.
+    global _executor, _executor_threads
+    with _executor_lock:
+        if _executor is None:
+            usable_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+            _executor_threads = len(usable_cores) if usable_cores else os.cpu_count() or 1
+            _executor = ThreadPoolExecutor(max_workers=_executor_threads, thread_name_prefix="lesiontune-augment")
+            # The pool already runs one image per core, so OpenCV's own parallel loops only add
+            # thread hand-offs (measured: 1.5x the CPU per image at intensity 0.5 on 2 cores).
+            # NOTE: cv2.setNumThreads is process-wide, so other OpenCV users in a trial run single-threaded too.
+            cv2.setNumThreads(1)
+            logger.debug("Started %d augmentation threads; OpenCV set to 1 thread per call", _executor_threads)
+        return _executor, _executor_threads
 
 
 def _check_images(images: np.ndarray) -> None:

@@ -123,14 +123,6 @@ def _load_inputs(setup: TrialSetup, config: dict):
     return cache.images, balanced, validation["cache_row"].to_numpy(), validation["label"].to_numpy()
 
 
-def _augmentation_workers(setup: TrialSetup) -> int:
-    """Return the augmentation processes of a trial: one per CPU it was given, none with a single CPU.
-
-    With one CPU a worker process would only add copies to and from shared memory.
-    """
-    return setup.cpus_per_trial if setup.cpus_per_trial > 1 else 0
-
-
 def _finite_or_none(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
@@ -205,7 +197,7 @@ def _train(config: dict, setup: TrialSetup, *, started: float) -> None:
     train_data = make_dataset(images, balanced.rows, balanced.labels, batch_size=batch_size,
                               augmentation=augmentation, shuffle=True, seed=setup.seed,
                               sample_weights=balanced.sample_weights, partner_rows=balanced.partner_rows,
-                              blend_weights=balanced.blend_weights, num_workers=_augmentation_workers(setup))
+                              blend_weights=balanced.blend_weights)
     validation_data = make_dataset(images, validation_rows, validation_labels.astype(np.float32),
                                    batch_size=batch_size)
 
