@@ -36,9 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import SHARED_DATA, cpu_model_name
+from _machine import HAM10000_FOLDER, cpu_model_name, skip_without_ham10000
 
-DATA_FOLDER = SHARED_DATA / "ham10000"
+DATA_FOLDER = HAM10000_FOLDER
 SEARCHES = {"asha_tpe": {"algorithm": "tpe", "scheduler": "asha"},
             "random": {"algorithm": "random", "scheduler": "fifo"}}
 
@@ -140,9 +140,7 @@ def print_table(rows: list[dict], per_seed: list[dict]) -> None:
 
 def main() -> int:
     arguments = parse_arguments()
-    if not (DATA_FOLDER / "HAM10000_metadata.csv").is_file():
-        print(f"skipped: HAM10000 not found at {DATA_FOLDER} (expected HAM10000_metadata.csv and images/). "
-              "Place the shared data folder next to the repository.", file=sys.stderr)
+    if skip_without_ham10000():
         return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import ray
