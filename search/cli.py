@@ -149,8 +149,7 @@ def _print_dry_run(config) -> int:
     """Print the resolved experiment, the resources and the concurrency; return 2 if the data cannot be read."""
     import yaml
 
-    from search.driver import trial_concurrency
-    from search.resources import local_node
+    from search.resources import local_node, plan_concurrency
     from spaces.tune_space import CONDITIONAL_PARAMETERS
 
     node = local_node()
@@ -166,7 +165,7 @@ def _print_dry_run(config) -> int:
             data_error = error
     sizes = [int(s) for s in config.space["image_size"].candidates()]
     cache_bytes = (images or 0) * sum(size * size * 3 for size in sizes)
-    plan = trial_concurrency(config, [node], cache_bytes)
+    plan = plan_concurrency(config, [node], cache_bytes=cache_bytes)
 
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     conditional = [name for name in CONDITIONAL_PARAMETERS if name in config.space]

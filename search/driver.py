@@ -48,7 +48,7 @@ from trainables.backbones import WeightsUnavailableError, get_backbone
 from trainables.trial import TrialSetup
 
 __all__ = ["PreparedData", "SearchOutcome", "cache_size", "check_imagenet_weights", "default_cache_dir", "prepare_data",
-           "resume_search", "run_search", "trial_concurrency"]
+           "resume_search", "run_search"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,11 +180,6 @@ def check_imagenet_weights(backbones: list[str], image_sizes: list[int], *, orig
             f"({getattr(error, 'reason', error)}). Use --weights none to train from scratch, or --weights DIR with a "
             "folder of pre-downloaded weight files."
         ) from error
-
-
-def trial_concurrency(config: ExperimentConfig, nodes: list[NodeResources], cache_bytes: int) -> ConcurrencyPlan:
-    """Return the trials that run at once: the configured limit, else what each node's CPUs, GPUs and memory allow."""
-    return plan_concurrency(config, nodes, cache_bytes=cache_bytes)
 
 
 def cache_size(cache_paths: dict[int, str]) -> int:
@@ -344,7 +339,7 @@ def run_search(config: ExperimentConfig, *, address: str | None = None, progress
     setup = _trial_setup(config, prepared)
 
     resources = _start_ray(address)
-    plan = trial_concurrency(config, _ray_nodes(), cache_size(prepared.cache_paths))
+    plan = plan_concurrency(config, _ray_nodes(), cache_bytes=cache_size(prepared.cache_paths))
     _log_resources(config, resources, plan)
     tuner = _new_tuner(config, setup, name=name, storage_path=storage_path, concurrency=plan.trials,
                        progress=progress)

@@ -1,8 +1,8 @@
 """Trial resources: an estimate of each trial's memory and how many trials fit on the cluster's nodes.
 
 Ray's default packs one trial per CPU, which on a GPU node with much RAM per core is too few and on a
-CPU node training large backbones is too many: each trial holds its model, its activations and its
-input buffers in host memory. When ``search.max_concurrent_trials`` is not set, the driver takes the
+CPU node training large backbones is too many, because each trial keeps its model, its activations and
+its input buffers in host memory. When ``search.max_concurrent_trials`` is not set, the driver takes the
 smallest of three limits on each node (CPUs, GPUs, memory) and adds the nodes up.
 """
 

@@ -186,7 +186,7 @@ def _train(config: dict, setup: TrialSetup, *, started: float) -> None:
 
     _check_config(config)
     configure_tensorflow(cpus=setup.cpus_per_trial, gpus_per_trial=setup.gpus_per_trial)
-    # A reused worker process still holds the previous trial's models and layer-name counters.
+    # A reused worker process still keeps the previous trial's models and layer-name counters.
     keras.backend.clear_session()
     set_precision_policy(mixed_precision=setup.mixed_precision)
     images, balanced, validation_rows, validation_labels = _load_inputs(setup, config)

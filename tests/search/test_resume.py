@@ -108,7 +108,7 @@ def test_killed_driver_resumes_without_loss(tmp_path):
         assert epochs[trial_id] == before, f"finished trial {trial_id} was rerun"
     for trial_id, trial_epochs in epochs.items():
         assert trial_epochs == sorted(set(trial_epochs)), f"trial {trial_id} repeated epochs {trial_epochs}"
-    # The resumed search kept TPE over the conditional space, with the trials told before the kill.
+    # The resumed search kept TPE over the conditional space, with the results of the trials before the kill.
     searcher = pickle.loads(max(run.glob("searcher-state-*.pkl")).read_bytes())
     assert type(searcher["_sampler"]).__name__ == "TPESampler"
     assert type(searcher["_space"]).__name__ == "ConditionalSpace"
