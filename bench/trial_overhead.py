@@ -2,8 +2,8 @@
 
 Runs the search driver's own pieces (``prepare_data``, the trial setup, ``_new_tuner``) on HAM10000
 melanoma versus the rest, MobileNetV2 from scratch at 64 px, with every hyperparameter fixed and the
-FIFO scheduler, so each trial does the same work. A Tune callback in the driver notes when each trial
-is added and when it completes. Each trial reports ``setup_seconds`` (from the start of the trial
+FIFO scheduler, so each trial does the same work. A Tune callback in the driver notes when each trial's
+worker has started and when the trial completes. Each trial reports ``setup_seconds`` (from the start of the trial
 function to its first epoch: imports, reading the manifest and cache, building the model) and
 ``epoch_seconds`` (fit on the training split, predict on validation, metrics). Two shares:
 
