@@ -52,6 +52,11 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     experiment.add_argument("--num-samples", type=int, metavar="N", help="number of trials")
     experiment.add_argument("--max-epochs", type=int, metavar="N", help="epochs of a trial that ASHA never stops")
     experiment.add_argument("--grace-period", type=int, metavar="N", help="epochs before ASHA may stop a trial")
+    experiment.add_argument("--reduction-factor", type=float, metavar="F",
+                            help="ASHA keeps the top 1/F of each rung; rungs are at grace period x F^k epochs")
+    experiment.add_argument("--rung-quorum", type=int, metavar="N",
+                            help="results an ASHA rung needs before a trial passes it; earlier trials pause there "
+                                 "(default: the reduction factor, rounded up; 1 decides each trial on arrival)")
     experiment.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="image size(s) in pixels")
     experiment.add_argument("--weights", metavar="{imagenet,none,DIR}",
                             help="initial backbone weights: imagenet, none (from scratch) or a folder of weight files")
@@ -69,6 +74,9 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
                          "inside a Ray job; without it, start a local Ray)")
     cluster.add_argument("--cpus-per-trial", type=float, metavar="N")
     cluster.add_argument("--gpus-per-trial", type=float, metavar="N", help="fractions pack several trials on a GPU")
+    cluster.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
+                         help="memory of one GPU on the nodes that run trials, in GiB, for the check of each trial's "
+                              "GPU memory (default: read with nvidia-smi on this machine, else not checked)")
     cluster.add_argument("--max-concurrent-trials", type=int, metavar="N")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue a stopped or crashed search from its run folder, a folder or a URI as the "
@@ -86,10 +94,12 @@ def _overrides(args: argparse.Namespace) -> dict:
         ("search", "name"): args.name, ("search", "storage_path"): args.storage_path,
         ("search", "num_samples"): args.num_samples, ("search", "max_epochs"): args.max_epochs,
         ("search", "grace_period"): args.grace_period, ("search", "objective"): args.objective,
+        ("search", "reduction_factor"): args.reduction_factor, ("search", "rung_quorum"): args.rung_quorum,
         ("search", "seed"): args.seed, ("search", "max_concurrent_trials"): args.max_concurrent_trials,
         ("search", "algorithm"): args.algorithm, ("search", "scheduler"): args.scheduler,
         ("training", "weights"): args.weights,
         ("resources", "cpus_per_trial"): args.cpus_per_trial, ("resources", "gpus_per_trial"): args.gpus_per_trial,
+        ("resources", "gpu_memory_gib"): args.gpu_memory_gib,
         ("space", "backbone"): args.backbones, ("space", "image_size"): args.image_size,
     }
     overrides: dict = {}
@@ -149,7 +159,7 @@ def _print_dry_run(config) -> int:
     """Print the resolved experiment, the resources and the concurrency; return 2 if the data cannot be read."""
     import yaml
 
-    from search.resources import local_node, plan_concurrency
+    from search.resources import find_gpu_memory, local_node, plan_concurrency
     from spaces.tune_space import CONDITIONAL_PARAMETERS
 
     node = local_node()
@@ -165,7 +175,7 @@ def _print_dry_run(config) -> int:
             data_error = error
     sizes = [int(s) for s in config.space["image_size"].candidates()]
     cache_bytes = (images or 0) * sum(size * size * 3 for size in sizes)
-    plan = plan_concurrency(config, [node], cache_bytes=cache_bytes)
+    plan = plan_concurrency(config, [node], cache_bytes=cache_bytes, gpu_memory=find_gpu_memory(config))
 
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     conditional = [name for name in CONDITIONAL_PARAMETERS if name in config.space]
@@ -173,16 +183,40 @@ def _print_dry_run(config) -> int:
         print("# Drawn only where they change the trial: smote_k with smote balancing; fine_tune_lr_multiplier "
               "with pretrained weights, head_epochs > 0 and an unfrozen depth above 0 layers. In this space: "
               f"{', '.join(conditional)}.")
+    print(f"# {_describe_scheduler(config)}")
     print(f"# Each trial: CPUs {config.resources['cpus_per_trial']:g}, GPUs {config.resources['gpus_per_trial']:g}, "
           f"about {plan.trial_memory_bytes / 2**30:.1f} GiB of memory (estimated for the largest configuration).")
     cache = f"{cache_bytes / 2**30:.2f} GiB of image cache for {images} images" if images is not None else \
         "image cache not counted (no readable --data)"
     print(f"# On this machine ({node.cpus:g} CPUs, {node.memory_bytes / 2**30:.1f} GiB for Ray, GPUs not counted, {cache}): "
           f"{plan.describe()}.")
+    if plan.gpu_memory is not None:
+        print(f"# {plan.gpu_memory.describe()}.")
+        warning = plan.gpu_memory.warning()
+        if warning:
+            print(f"lesiontune: warning: {warning}", file=sys.stderr)
     if data_error is not None:
         print(f"lesiontune: error: {data_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _describe_scheduler(config) -> str:
+    """Return one line on when trials stop: ASHA's rungs and quorum, or every trial running all its epochs."""
+    import math
+
+    from search.asha import rung_milestones
+
+    max_epochs, factor = int(config.search["max_epochs"]), float(config.search["reduction_factor"])
+    milestones = rung_milestones(grace_period=int(config.search["grace_period"]), max_t=max_epochs,
+                                 reduction_factor=factor)
+    if config.search["scheduler"] == "fifo":
+        return f"FIFO scheduler: every trial runs all {max_epochs} epochs."
+    if not milestones:
+        return f"ASHA has no rung below search.max_epochs ({max_epochs}), so every trial runs all its epochs."
+    quorum = config.search["rung_quorum"] or math.ceil(factor)
+    return (f"ASHA rungs at epochs {', '.join(str(m) for m in milestones)} of {max_epochs}: the top 1/{factor:g} "
+            f"of each rung goes on, once {quorum} trials have reported there (search.rung_quorum).")
 
 
 def _print_leaderboard(trials, metric: str, top: int = 10) -> None:

@@ -42,7 +42,8 @@ from data.splits import SplitFractions, assign_splits, write_manifest
 from search.storage import (StoragePath, check_storage_reachable, download_run_files, list_names, path_exists,
                             read_bytes, read_text, resolve_storage_path, upload_files, write_text)
 from spaces.config import ExperimentConfig
-from search.resources import ConcurrencyPlan, NodeResources, nodes_from_ray, plan_concurrency
+from search.resources import (ConcurrencyPlan, GpuMemoryCheck, NodeResources, check_gpu_memory, find_gpu_memory,
+                              nodes_from_ray, plan_concurrency)
 from spaces.tune_space import ConditionalSpace
 from trainables.backbones import WeightsUnavailableError, get_backbone
 from trainables.trial import TrialSetup
@@ -261,15 +262,18 @@ def _new_searcher(config: ExperimentConfig, metric: str):
                         points_to_evaluate=points)
 
 
-def _new_scheduler(config: ExperimentConfig):
-    """Return ASHA, or FIFO (every trial runs all its epochs) when ``search.scheduler`` is ``fifo``."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _new_scheduler(config: ExperimentConfig, concurrency: int):
+    """Return ASHA with a quorum per rung, or FIFO (every trial runs all its epochs) for ``search.scheduler: fifo``."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from search.asha import QuorumASHA
 
     if config.search["scheduler"] == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=int(config.search["max_epochs"]),
-                         grace_period=int(config.search["grace_period"]),
-                         reduction_factor=float(config.search["reduction_factor"]))
+    return QuorumASHA(time_attr="training_iteration", max_t=int(config.search["max_epochs"]),
+                      grace_period=int(config.search["grace_period"]),
+                      reduction_factor=float(config.search["reduction_factor"]), quorum=config.search["rung_quorum"],
+                      max_concurrent=concurrency)
 
 
 def _ray_storage(location: StoragePath) -> tuple[str, pafs.FileSystem | None]:
@@ -286,12 +290,16 @@ def _new_tuner(config: ExperimentConfig, setup: TrialSetup, *, name: str, storag
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
+    from search.asha import QuorumConcurrencyLimiter
+
     metric = setup.metric
-    searcher = ConcurrencyLimiter(_new_searcher(config, metric), max_concurrent=concurrency)
+    limiter = QuorumConcurrencyLimiter if config.search["scheduler"] == "asha" else ConcurrencyLimiter
+    searcher = limiter(_new_searcher(config, metric), max_concurrent=concurrency)
+    scheduler = _new_scheduler(config, concurrency)
     storage, filesystem = _ray_storage(storage_path)
     return tune.Tuner(
         _trainable(config, setup),
-        tune_config=tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=_new_scheduler(config),
+        tune_config=tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
                                     num_samples=int(config.search["num_samples"]),
                                     reuse_actors=bool(config.search["reuse_workers"])),
         run_config=tune.RunConfig(
@@ -314,6 +322,16 @@ def _log_resources(config: ExperimentConfig, resources: dict[str, float], plan: 
                        "is too cautious.", plan.trial_memory_bytes / 2**30)
 
 
+def _log_gpu_memory_check(check: GpuMemoryCheck | None) -> None:
+    """Log the GPU memory estimate of a trial, and warn when it exceeds the trial's share of a GPU."""
+    if check is None:
+        return
+    logger.info("%s", check.describe())
+    warning = check.warning()
+    if warning:
+        logger.warning("%s", warning)
+
+
 def run_search(config: ExperimentConfig, *, address: str | None = None, progress: bool = True) -> SearchOutcome:
     """Prepare the data, run the search and export ``trials.parquet`` and ``epochs.parquet``."""
     name = _run_name(config)
@@ -332,6 +350,10 @@ def run_search(config: ExperimentConfig, *, address: str | None = None, progress
     write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     logger.info("Experiment %s in %s:\n%s", name, run_dir, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
+    # Checked before the data are prepared, which can take minutes, so a warning comes early.
+    gpu_memory = find_gpu_memory(config)
+    _log_gpu_memory_check(check_gpu_memory(config, gpu_memory))
+
     if config.training["weights"] == "imagenet":
         check_imagenet_weights(list(config.space["backbone"].candidates()),
                                [int(s) for s in config.space["image_size"].candidates()])
@@ -339,7 +361,7 @@ def run_search(config: ExperimentConfig, *, address: str | None = None, progress
     setup = _trial_setup(config, prepared)
 
     resources = _start_ray(address)
-    plan = plan_concurrency(config, _ray_nodes(), cache_bytes=cache_size(prepared.cache_paths))
+    plan = plan_concurrency(config, _ray_nodes(), cache_bytes=cache_size(prepared.cache_paths), gpu_memory=gpu_memory)
     _log_resources(config, resources, plan)
     tuner = _new_tuner(config, setup, name=name, storage_path=storage_path, concurrency=plan.trials,
                        progress=progress)

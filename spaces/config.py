@@ -7,10 +7,10 @@ A file sets any of five sections; every key is optional and defaults to the valu
                  cache_dir: null}
     search:     {name: null, objective: pauc80, num_samples: 20, max_epochs: 8, grace_period: 1,
                  reduction_factor: 2, seed: 0, max_concurrent_trials: null, storage_path: null, max_failures: 2,
-                 points_to_evaluate: [], algorithm: tpe, scheduler: asha, reuse_workers: true}
+                 points_to_evaluate: [], algorithm: tpe, scheduler: asha, rung_quorum: null, reuse_workers: true}
     training:   {weights: none, head_epochs: 1, fine_tune_learning_rate_multiplier: 0.1,
                  specificity_target: 0.8, sensitivity_target: 0.866, mixed_precision: false, jit_compile: auto}
-    resources:  {cpus_per_trial: 1, gpus_per_trial: 0}
+    resources:  {cpus_per_trial: 1, gpus_per_trial: 0, gpu_memory_gib: null}
     space:      {backbone: [...], balancing: [...], unfrozen_layers: {low: 0, high: 40}, ..., smote_k: 5,
                  unfrozen_fraction: null, fine_tune_lr_multiplier: null}
 
@@ -58,11 +58,11 @@ def default_config_dict() -> dict[str, Any]:
         "search": {"name": None, "objective": "pauc80", "num_samples": 20, "max_epochs": 8, "grace_period": 1,
                    "reduction_factor": 2, "seed": 0, "max_concurrent_trials": None, "storage_path": None,
                    "max_failures": 2, "points_to_evaluate": [], "algorithm": "tpe", "scheduler": "asha",
-                   "reuse_workers": True},
+                   "rung_quorum": None, "reuse_workers": True},
         "training": {"weights": "none", "head_epochs": 1, "fine_tune_learning_rate_multiplier": 0.1,
                      "specificity_target": 0.8, "sensitivity_target": 0.866, "mixed_precision": False,
                      "jit_compile": "auto"},
-        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
+        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "gpu_memory_gib": None},
         "space": {
             "backbone": ["MobileNetV2", "EfficientNetV2B0", "ResNet50", "VGG16", "Xception", "InceptionV3"],
             "balancing": list(BALANCING_METHODS),
@@ -262,6 +262,10 @@ def _validate_sections(merged: dict[str, Any], source: str) -> None:
           "tpe (Optuna's TPE sampler) or random (uniform draws, a baseline)")
     check("search.scheduler", search["scheduler"], search["scheduler"] in SCHEDULERS,
           "asha (stop weak trials early) or fifo (every trial runs max_epochs)")
+    quorum = search["rung_quorum"]
+    check("search.rung_quorum", quorum, quorum is None or (_is_int(quorum) and quorum >= 1),
+          "null (the reduction factor, rounded up) or an integer >= 1 (results an ASHA rung needs before a trial "
+          "passes it; 1 decides each trial when it arrives)")
     check("search.reuse_workers", search["reuse_workers"], isinstance(search["reuse_workers"], bool),
           "true (a finished trial's worker process runs the next trial) or false (a new process per trial)")
     check("search.max_failures", search["max_failures"], _is_int(search["max_failures"]) and search["max_failures"] >= 0,
@@ -299,6 +303,10 @@ def _validate_sections(merged: dict[str, Any], source: str) -> None:
     cpus, gpus = resources["cpus_per_trial"], resources["gpus_per_trial"]
     check("resources.cpus_per_trial", cpus, _is_number(cpus) and cpus > 0, "a number > 0")
     check("resources.gpus_per_trial", gpus, _is_number(gpus) and gpus >= 0, "a number >= 0 (fractions pack trials)")
+    gpu_memory = resources["gpu_memory_gib"]
+    check("resources.gpu_memory_gib", gpu_memory, gpu_memory is None or (_is_number(gpu_memory) and gpu_memory > 0),
+          "null (read with nvidia-smi where the search starts) or a number of GiB > 0, the memory of one GPU "
+          "on the nodes that run trials")
 
 
 def _check_backbone_sizes(space: dict[str, Parameter], source: str) -> None:

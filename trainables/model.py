@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import keras
 from keras import layers
 
 from trainables.backbones import CAFFE_MEAN_BGR, BackboneSpec, WeightsUnavailableError, get_backbone
+from trainables.gpu import gpu_total_memory_mib
 
 __all__ = ["BackbonePreprocessing", "Classifier", "GpuMemoryPlan", "WeightsUnavailableError", "build_classifier",
            "compile_classifier", "configure_tensorflow", "gpu_total_memory_mib", "plan_gpu_memory", "resolve_weights",
@@ -211,20 +211,6 @@ def plan_gpu_memory(*, gpus_per_trial: float, total_memory_mib: int | None,
     return GpuMemoryPlan("growth") if memory_growth else GpuMemoryPlan("default")
 
 
-def gpu_total_memory_mib() -> int | None:
-    """Return the total memory in MiB of the first GPU visible to this process, from nvidia-smi, or None."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
-    try:
-        completed = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", visible],
-            capture_output=True, text=True, timeout=30, check=True)
-        return int(completed.stdout.split()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as error:
-        logger.warning("Cannot read the memory of GPU %s with nvidia-smi (%s); using memory growth instead of a "
-                       "memory limit.", visible, error)
-        return None
-
-
 def configure_tensorflow(*, cpus: int, gpu_memory_growth: bool = True,
                          gpus_per_trial: float = 0.0) -> GpuMemoryPlan | None:
     """Limit TensorFlow to the trial's CPUs and configure GPU memory, before any op runs.
@@ -245,6 +231,9 @@ def configure_tensorflow(*, cpus: int, gpu_memory_growth: bool = True,
 
     fractional = 0 < gpus_per_trial < 1
     total_memory_mib = gpu_total_memory_mib() if fractional else None
+    if fractional and total_memory_mib is None:
+        logger.warning("The GPU's memory is unknown, so this trial runs without a memory limit and the trials "
+                       "packed on its GPU (%s GPUs each) can take each other's memory.", gpus_per_trial)
     plan = plan_gpu_memory(gpus_per_trial=gpus_per_trial, total_memory_mib=total_memory_mib,
                            memory_growth=gpu_memory_growth)
     # NOTE: this branch has run only with TensorFlow mocked, because the test machine has no GPU. The limit

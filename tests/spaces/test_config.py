@@ -146,6 +146,36 @@ def test_load_config_gpu_and_smote_errors(tmp_path, text, message):
         load_config(_write(tmp_path, text))
 
 
+def test_load_config_gpu_memory_default_and_value(tmp_path):
+    assert load_config().resources["gpu_memory_gib"] is None
+    assert load_config(_write(tmp_path, "resources: {gpu_memory_gib: 80}\n")).resources["gpu_memory_gib"] == 80
+    assert load_config(overrides={"resources": {"gpu_memory_gib": 23.5}}).resources["gpu_memory_gib"] == 23.5
+
+
+@pytest.mark.parametrize("text,message", [
+    ("resources: {gpu_memory_gib: 0}\n", r"invalid value 0 for resources.gpu_memory_gib: expected null .* or a number "
+                                         r"of GiB > 0"),
+    ("resources: {gpu_memory_gib: -8}\n", r"invalid value -8 for resources.gpu_memory_gib"),
+    ("resources: {gpu_memory_gib: 80GB}\n", r"invalid value '80GB' for resources.gpu_memory_gib"),
+    ("resources: {gpu_memory_gib: true}\n", r"invalid value True for resources.gpu_memory_gib"),
+    ("resources: {gpu_memory_gib: .inf}\n", r"invalid value inf for resources.gpu_memory_gib"),
+])
+def test_load_config_gpu_memory_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+def test_load_config_rung_quorum(tmp_path):
+    assert load_config().search["rung_quorum"] is None
+    assert load_config(_write(tmp_path, "search: {rung_quorum: 1}\n")).search["rung_quorum"] == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "2.5", "true", "many"])
+def test_load_config_rung_quorum_errors(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"for search.rung_quorum: expected null \(the reduction factor"):
+        load_config(_write(tmp_path, f"search: {{rung_quorum: {value}}}\n"))
+
+
 def test_load_config_optional_parameters_absent_by_default():
     space = load_config(overrides={"training": {"weights": "imagenet"}}).space
     assert "unfrozen_fraction" not in space
