@@ -1,7 +1,8 @@
 """Data for a search: metadata readers, label policy, grouped splits, image cache, balancing, download.
 
 ``data.augment`` (Albumentations presets) and ``data.pipeline`` (the ``tf.data`` input pipeline) are not
-imported here, because they load Albumentations and TensorFlow.
+imported here, because they load Albumentations and TensorFlow. ``data.storage`` (run folders on a local disk or
+in object storage, through ``pyarrow.fs``) is imported by the ``search`` and ``results`` packages directly.
 """
 
 from data.balancing import BALANCING_METHODS, BalancedRows, balance_rows

@@ -4,15 +4,23 @@
 Each parser sets ``handler``, a function of the parsed arguments that prints its results and returns
 the exit status, and has ``--quiet``. Bad input raises ``ValueError`` or ``FileNotFoundError`` with a
 message for the user, which the ``lesiontune`` dispatcher prints as one line.
+
+A run argument may also be a URI of a run in object storage, as ``lesiontune search --storage-path`` takes
+it; :mod:`results.remote` fetches the files each command reads and uploads those it writes into the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+
+from data.storage import is_uri, resolve_storage_path, write_bytes
+from results.remote import RunCopy, staged_runs
 
 __all__ = ["add_predict_command", "add_results_commands"]
 
@@ -29,22 +37,44 @@ def _objective_of(run_dir: Path) -> str:
     return load_run_config(run_dir)["search"]["objective"]
 
 
-def _export(args: argparse.Namespace) -> int:
-    from results.export import export_run, leaderboard
+def _one_run(copies: list[RunCopy], argument: str) -> RunCopy:
+    if len(copies) != 1:
+        raise ValueError(f"RUN {argument!r} matches {len(copies)} run folders, but this command takes one. "
+                         "Give a single run folder.")
+    return copies[0]
 
-    trials = export_run(args.run_dir)
-    print(f"Wrote {Path(args.run_dir) / 'trials.parquet'} ({len(trials)} trials) and epochs.parquet")
-    print(f"Top trials by val_{_objective_of(Path(args.run_dir))}:")
-    _print_table(leaderboard(trials, top=args.top))
+
+def _remote_labels(labels: Sequence[str], copies: Sequence[RunCopy]) -> list[str]:
+    """Replace a label that is the folder of a local copy (a run label when two runs share a name) by its URI."""
+    by_folder = {str(copy.local): str(copy.remote) for copy in copies if copy.remote is not None}
+    return [by_folder.get(label, label) for label in labels]
+
+
+def _export(args: argparse.Namespace) -> int:
+    from results.export import EPOCHS_FILE, TRIALS_FILE, export_run, leaderboard
+
+    with staged_runs([args.run_dir]) as copies:
+        run = _one_run(copies, args.run_dir)
+        trials = export_run(run.argument)
+        run.upload(TRIALS_FILE, EPOCHS_FILE)
+        print(f"Wrote {run.display(Path(run.argument) / TRIALS_FILE)} ({len(trials)} trials) and {EPOCHS_FILE}")
+        print(f"Top trials by val_{_objective_of(run.local)}:")
+        _print_table(leaderboard(trials, top=args.top))
     return 0
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
+    with staged_runs(args.runs) as copies:
+        return _print_leaderboard(args, copies)
+
+
+def _print_leaderboard(args: argparse.Namespace, copies: list[RunCopy]) -> int:
     from results.analysis import RUN_COLUMN, expand_run_dirs, load_runs
     from results.export import leaderboard
 
-    run_dirs = expand_run_dirs(args.runs)
+    run_dirs = expand_run_dirs([copy.argument for copy in copies])
     trials = load_runs(run_dirs)
+    trials[RUN_COLUMN] = _remote_labels(list(trials[RUN_COLUMN]), copies)
     # leaderboard() keeps only its own columns, so the run travels inside the trial id and is split off after.
     keyed = trials.assign(trial_id=trials[RUN_COLUMN] + "\t" + trials["trial_id"])
     table = leaderboard(keyed, top=args.top)
@@ -60,12 +90,13 @@ def _leaderboard(args: argparse.Namespace) -> int:
 def _effects(args: argparse.Namespace) -> int:
     from results.analysis import expand_run_dirs, factor_effects, finished_trials, load_runs
 
-    run_dirs = expand_run_dirs(args.runs)
-    trials = load_runs(run_dirs)
-    effects = factor_effects(trials)
-    print(f"Best val_{_objective_of(run_dirs[0])} of {len(finished_trials(trials))} finished trials "
-          f"in {len(run_dirs)} run(s), by factor level:")
-    _print_table(effects)
+    with staged_runs(args.runs) as copies:
+        run_dirs = expand_run_dirs([copy.argument for copy in copies])
+        trials = load_runs(run_dirs)
+        effects = factor_effects(trials)
+        print(f"Best val_{_objective_of(run_dirs[0])} of {len(finished_trials(trials))} finished trials "
+              f"in {len(run_dirs)} run(s), by factor level:")
+        _print_table(effects)
     return 0
 
 
@@ -73,39 +104,66 @@ def _importance(args: argparse.Namespace) -> int:
     from results.analysis import finished_trials, parameter_importance, read_trials
     from results.export import load_run_config
 
-    config = load_run_config(args.run_dir)
-    trials = read_trials(args.run_dir)
-    importance = parameter_importance(trials, config["space"], method=args.method, seed=args.seed)
-    print(f"Importance of each searched parameter for the best val_{config['search']['objective']} "
-          f"({args.method}, {len(finished_trials(trials))} finished trials):")
-    _print_table(importance)
+    with staged_runs([args.run_dir]) as copies:
+        run = _one_run(copies, args.run_dir)
+        config = load_run_config(run.local)
+        trials = read_trials(run.argument)
+        importance = parameter_importance(trials, config["space"], method=args.method, seed=args.seed)
+        print(f"Importance of each searched parameter for the best val_{config['search']['objective']} "
+              f"({args.method}, {len(finished_trials(trials))} finished trials):")
+        _print_table(importance)
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     from results.analysis import compare_runs, expand_run_dirs
 
-    run_dirs = expand_run_dirs(args.runs)
-    if len(run_dirs) != 2:
-        raise ValueError(f"compare needs two different run folders, got {len(run_dirs)}: "
-                         f"{', '.join(map(str, run_dirs))}.")
-    _print_table(compare_runs(run_dirs), index=True)
+    with staged_runs(args.runs) as copies:
+        run_dirs = expand_run_dirs([copy.argument for copy in copies])
+        if len(run_dirs) != 2:
+            raise ValueError(f"compare needs two different run folders, got {len(run_dirs)}: "
+                             f"{', '.join(_remote_labels([str(path) for path in run_dirs], copies))}.")
+        table = compare_runs(run_dirs)
+        table.columns = _remote_labels([str(label) for label in table.columns], copies)
+        _print_table(table, index=True)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from results.report import write_report
+    from results.report import REPORT_FILE, write_report
 
-    path = write_report(args.run_dir, output=args.output, top=args.top)
-    print(f"Wrote {path}")
+    with staged_runs([args.run_dir], checkpoint_metadata=True) as copies:
+        run = _one_run(copies, args.run_dir)
+        if args.output is None:
+            path = write_report(run.argument, top=args.top)
+            run.upload(REPORT_FILE)
+            print(f"Wrote {run.display(path)}")
+        elif is_uri(args.output):
+            target = resolve_storage_path(args.output)
+            with tempfile.TemporaryDirectory(prefix="lesiontune-report-") as folder:
+                path = write_report(run.argument, output=Path(folder) / REPORT_FILE, top=args.top)
+                write_bytes(target, path.read_bytes())
+            print(f"Wrote {target}")
+        else:
+            print(f"Wrote {write_report(run.argument, output=args.output, top=args.top)}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from results.evaluate import evaluate_run, subgroup_table
+    from results.evaluate import PREDICTIONS_FILE, TEST_EVALUATION_FILE, evaluate_run
 
-    evaluation = evaluate_run(args.run_dir, top=args.top, force=args.force, resamples=args.resamples,
-                              seed=args.seed, batch_size=args.batch_size)
+    with staged_runs([args.run_dir], checkpoint_metadata=True) as copies:
+        run = _one_run(copies, args.run_dir)
+        evaluation = evaluate_run(run.argument, top=args.top, force=args.force, resamples=args.resamples,
+                                  seed=args.seed, batch_size=args.batch_size, fetch_model=run.fetch_model)
+        run.upload(TEST_EVALUATION_FILE, PREDICTIONS_FILE)
+        _print_evaluation(evaluation, run)
+    return 0
+
+
+def _print_evaluation(evaluation, run: RunCopy) -> None:
+    from results.evaluate import subgroup_table
+
     metrics = evaluation.metrics
     overall = metrics[metrics["scope"] == "overall"]
     confidence = overall["confidence"].iloc[0]
@@ -115,14 +173,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     if len(subgroups):
         print("\nSubgroups (few_cases: fewer than 10 positives or 30 negatives):")
         _print_table(subgroups)
-    print(f"\nWrote {evaluation.metrics_path} and {evaluation.predictions_path}")
-    return 0
+    print(f"\nWrote {run.display(evaluation.metrics_path)} and {run.display(evaluation.predictions_path)}")
 
 
 def _export_model(args: argparse.Namespace) -> int:
+    from results.analysis import best_checkpoint
     from results.model_export import export_model
 
-    path = export_model(args.run_dir, args.trial, args.directory)
+    with staged_runs([args.run_dir], checkpoint_metadata=True) as copies:
+        run = _one_run(copies, args.run_dir)
+        run.fetch_model(best_checkpoint(run.argument, args.trial))
+        path = export_model(run.argument, args.trial, args.directory)
     print(f"Wrote {path} (model.keras, preprocessing.json, threshold.json, MODEL_CARD.md)")
     return 0
 
@@ -150,7 +211,8 @@ def _add_parser(subparsers, name: str, help_text: str, handler) -> argparse.Argu
 
 
 def _add_run_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN", help="run folder (STORAGE_PATH/NAME)")
+    parser.add_argument("run_dir", metavar="RUN", help="run folder (STORAGE_PATH/NAME), local or a URI such as "
+                                                       "s3://BUCKET/PREFIX/NAME")
 
 
 def add_results_commands(subparsers) -> None:
@@ -158,7 +220,8 @@ def add_results_commands(subparsers) -> None:
 
     Actions: export, leaderboard, effects, importance, compare, report, evaluate and export-model.
     """
-    runs_help = "run folders or quoted glob patterns such as 'lesiontune_runs/*'"
+    runs_help = ("run folders or URIs, or quoted glob patterns such as 'lesiontune_runs/*' or "
+                 "'s3://BUCKET/runs/*' (a URI's pattern in its last folder name only)")
 
     parser = _add_parser(subparsers, "export", "write trials.parquet and epochs.parquet and print the top trials",
                          _export)
@@ -183,11 +246,11 @@ def add_results_commands(subparsers) -> None:
 
     parser = _add_parser(subparsers, "compare", "put two runs side by side: data, budget, outcome, best trial, space",
                          _compare)
-    parser.add_argument("runs", nargs=2, metavar="RUN", help="run folder")
+    parser.add_argument("runs", nargs=2, metavar="RUN", help="run folder or URI")
 
     parser = _add_parser(subparsers, "report", "write a self-contained HTML report of a run", _report)
     _add_run_argument(parser)
-    parser.add_argument("--output", metavar="FILE.html", help="report file (default RUN/report.html)")
+    parser.add_argument("--output", metavar="FILE.html", help="report file or URI (default RUN/report.html)")
     parser.add_argument("--top", type=int, default=5, metavar="K",
                         help="best trials whose curves are drawn (default 5)")
 

@@ -18,7 +18,7 @@ import datetime
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -349,7 +349,8 @@ def _check_arguments(top: int, batch_size: int) -> None:
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, top: int = 3, force: bool = False, resamples: int = 1000,
-                 confidence: float = 0.95, seed: int = 0, batch_size: int = 64) -> TestEvaluation:
+                 confidence: float = 0.95, seed: int = 0, batch_size: int = 64,
+                 fetch_model: Callable[[Checkpoint], None] | None = None) -> TestEvaluation:
     """Score the test split with the best checkpoints of the ``top`` best trials and write the results.
 
     Writes ``test_evaluation.parquet`` (overall metrics with group-bootstrap intervals, then subgroup
@@ -364,6 +365,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, top: int = 3, force: bool = Fals
         force: evaluate even when ``test_evaluation.parquet`` exists, and overwrite it.
         resamples, confidence, seed: of the group bootstrap, see :func:`bootstrap_intervals`.
         batch_size: images per forward pass.
+        fetch_model: called with each chosen checkpoint before its ``model.keras`` is loaded, e.g. to copy
+            it from object storage.
 
     Raises:
         TestSplitAlreadyEvaluatedError: the run was evaluated before and ``force`` is False.
@@ -384,6 +387,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, top: int = 3, force: bool = Fals
     metric_rows: list[dict[str, object]] = []
     prediction_frames = []
     for rank, checkpoint in _top_checkpoints(run_dir, top):
+        if fetch_model is not None:
+            fetch_model(checkpoint)
         scored = test.assign(score=_score_test_split(checkpoint, test, batch_size).astype(np.float64))
         intervals = bootstrap_intervals(scored["label"].to_numpy(), scored["score"].to_numpy(),
                                         scored["group"].to_numpy(), threshold=checkpoint.threshold,
