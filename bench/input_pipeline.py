@@ -20,8 +20,10 @@ and as JPEG class folders, then times in one run:
 
 Wall-clock images/s fall when other processes share the cores, and more so for the
 pipeline, which uses every core, than for the baseline, which uses one. The loaders
-therefore take turns pass by pass, and the script also reports the CPU time of the whole
-process per image, summed over threads, and the 1-minute load average before and after.
+therefore take turns pass by pass, each loader's images/s is the median over its passes
+(the slowest and fastest pass are reported too), and the script also reports the CPU time
+of the whole process per image, summed over threads, and the 1-minute load average before
+and after.
 
 Prints a table, then as the last line one JSON object with the figures, where ``ratio`` is
 the pipeline's images/s divided by the baseline's.
@@ -72,8 +74,12 @@ def parse_arguments() -> argparse.Namespace:
     data.add_argument("--intensity", type=float, default=0.5, help="augmentation intensity in [0, 1] (default 0.5)")
     timing = parser.add_argument_group("timing")
     timing.add_argument(
-        "--epochs", type=int, default=4,
-        help="timed passes over the images per loader; the loaders take turns pass by pass (default 4)",
+        "--epochs", type=int, default=5,
+        help="timed passes per loader; the loaders take turns pass by pass (default 5)",
+    )
+    timing.add_argument(
+        "--repeats", type=int, default=8,
+        help="times each pass goes over the images, so a pass of 256 images has 2,048 (default 8)",
     )
     timing.add_argument(
         "--train-rounds", type=int, default=6,
@@ -98,7 +104,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lesiontune-bench-") as folder:
         cache_path, labels = write_inputs(Path(folder), arguments.images, arguments.image_size)
         images = np.load(cache_path, mmap_mode="r")
-        rows = np.arange(images.shape[0])
+        # A pass goes over the images --repeats times, like a real epoch of thousands of images, so that
+        # starting and ending an iteration (up to about 70 ms for tf.data here) weighs as little as in training.
+        rows = np.tile(np.arange(images.shape[0]), arguments.repeats)
+        labels = np.tile(labels, arguments.repeats)
         augmentation = build_augmentation(arguments.intensity, image_size=arguments.image_size)
 
         augmented = make_dataset(
@@ -126,6 +135,8 @@ def main() -> int:
         "versions": f"tensorflow {tf.__version__}, keras {keras.__version__}",
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "images": int(images.shape[0]),
+        "images_per_pass": int(rows.shape[0]),
+        "passes": arguments.epochs,
         "image_size": arguments.image_size,
         "batch_size": arguments.batch_size,
         "intensity": arguments.intensity,
@@ -133,6 +144,8 @@ def main() -> int:
         "pipeline_no_augmentation_images_per_s": round(plain_pipeline.images_per_second, 1),
         "pipeline_baseline_augmentation_images_per_s": round(equal_work_pipeline.images_per_second, 1),
         "baseline_images_per_s": round(baseline.images_per_second, 1),
+        "pipeline_images_per_s_range": [round(rate, 1) for rate in pipeline.range_per_second],
+        "baseline_images_per_s_range": [round(rate, 1) for rate in baseline.range_per_second],
         "ratio": round(pipeline.images_per_second / baseline.images_per_second, 2),
         "pipeline_cpu_ms_per_image": round(pipeline.cpu_ms_per_image, 3),
         "pipeline_no_augmentation_cpu_ms_per_image": round(plain_pipeline.cpu_ms_per_image, 3),
@@ -170,9 +183,10 @@ def write_inputs(folder: Path, count: int, image_size: int) -> tuple[Path, np.nd
 
 @dataclass(frozen=True)
 class LoaderTiming:
-    """Throughput of one image loader: wall-clock images/s and CPU time of the whole process per image."""
+    """Throughput of one image loader: median wall-clock images/s over passes, and CPU time of the process per image."""
 
     images_per_second: float
+    range_per_second: tuple[float, float]  # slowest and fastest pass
     cpu_ms_per_image: float
 
 
@@ -195,21 +209,25 @@ def time_passes_alternately(passes: dict[str, Callable[[], int]], epochs: int) -
     """Time `epochs` passes of each loader, taking the loaders in turn so that they share the same load.
 
     Each callable runs one pass over the images and returns the number of images it yielded.
-    One untimed pass of each loader comes first, to start threads and fill caches.
+    One untimed pass of each loader comes first, to start threads and fill caches. A loader's
+    images/s is the median of its passes, so one slow pass (another process on the machine, or
+    a slow end of iteration) does not decide the figure. Its CPU time is summed over all passes.
     """
     for run_pass in passes.values():
         run_pass()
+    rates: dict[str, list[float]] = {name: [] for name in passes}
     images = dict.fromkeys(passes, 0)
-    wall_seconds = dict.fromkeys(passes, 0.0)
     cpu_seconds = dict.fromkeys(passes, 0.0)
     for _ in range(epochs):
         for name, run_pass in passes.items():
             wall_start, cpu_start = time.perf_counter(), time.process_time()
-            images[name] += run_pass()
-            wall_seconds[name] += time.perf_counter() - wall_start
+            count = run_pass()
+            rates[name].append(count / (time.perf_counter() - wall_start))
             cpu_seconds[name] += time.process_time() - cpu_start
+            images[name] += count
     return {
-        name: LoaderTiming(images[name] / wall_seconds[name], 1000.0 * cpu_seconds[name] / images[name])
+        name: LoaderTiming(statistics.median(rates[name]), (min(rates[name]), max(rates[name])),
+                           1000.0 * cpu_seconds[name] / images[name])
         for name in passes
     }
 
@@ -238,7 +256,7 @@ def image_data_generator_pass(jpeg_folder: Path, arguments: argparse.Namespace) 
     )
 
     def run_pass() -> int:
-        return sum(next(iterator)[0].shape[0] for _ in range(len(iterator)))
+        return sum(next(iterator)[0].shape[0] for _ in range(arguments.repeats * len(iterator)))
 
     return run_pass
 
@@ -285,13 +303,21 @@ def time_training_steps(pipeline: tf.data.Dataset, arguments: argparse.Namespace
 def print_table(figures: dict) -> None:
     size = figures["image_size"]
     rows = [
-        (f"make_dataset, memmap cache, intensity {figures['intensity']}", f"{figures['pipeline_images_per_s']:.0f} images/s"),
+        (f"make_dataset, memmap cache, intensity {figures['intensity']} (median pass)", f"{figures['pipeline_images_per_s']:.0f} images/s"),
         ("make_dataset, memmap cache, no augmentation", f"{figures['pipeline_no_augmentation_images_per_s']:.0f} images/s"),
         (
             "make_dataset, memmap cache, flips + rotation in [-90, 90]",
             f"{figures['pipeline_baseline_augmentation_images_per_s']:.0f} images/s",
         ),
         ("ImageDataGenerator flips + rotation_range=90, JPEG folders", f"{figures['baseline_images_per_s']:.0f} images/s"),
+        (
+            f"slowest / fastest pass, make_dataset, intensity {figures['intensity']}",
+            "{:.0f} / {:.0f} images/s".format(*figures["pipeline_images_per_s_range"]),
+        ),
+        (
+            "slowest / fastest pass, ImageDataGenerator",
+            "{:.0f} / {:.0f} images/s".format(*figures["baseline_images_per_s_range"]),
+        ),
         ("ratio make_dataset / ImageDataGenerator", f"{figures['ratio']:.1f}x"),
         (f"CPU per image, make_dataset, intensity {figures['intensity']}", f"{figures['pipeline_cpu_ms_per_image']:.3f} ms"),
         ("CPU per image, make_dataset, no augmentation", f"{figures['pipeline_no_augmentation_cpu_ms_per_image']:.3f} ms"),

@@ -6,7 +6,8 @@ sample of 4,000 images, so that three seeds of both searches fit in about an hou
 (learning rate, dropout, augmentation intensity, batch size, balancing) with the same number of
 trials and the same maximum epochs per trial:
 
-- ``asha_tpe``: Optuna's TPE sampler, ASHA stops weak trials at its rungs (the default search);
+- ``asha_tpe``: Optuna's TPE sampler, ASHA stops weak trials at its rungs (the default search, with its rung
+  quorum: a trial that reaches a rung before ``--rung-quorum`` others pauses there until they have);
 - ``random``: uniform random draws, and every trial trains for all its epochs (FIFO scheduler).
 
 Each seed runs both. The split (made with seed 0) and the image cache are the same for every run,
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -50,6 +52,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--max-epochs", type=int, default=8, help="epochs of a trial that is never stopped (default 8)")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA's first rung, in epochs (default 1)")
     parser.add_argument("--reduction-factor", type=float, default=4, help="ASHA's reduction factor (default 4)")
+    parser.add_argument("--rung-quorum", type=int, default=None,
+                        help="results an ASHA rung needs before a trial passes it; 1 decides on arrival, as Ray's "
+                             "ASHA does (default: the reduction factor, rounded up)")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
     parser.add_argument("--concurrent", type=int, default=2, help="trials at once, one CPU each (default 2)")
     parser.add_argument("--limit", type=int, default=4000,
@@ -79,7 +84,8 @@ def build_config(arguments: argparse.Namespace, data_folder: Path, storage: Path
                  "cache_dir": str(Path(cache_dir) / "images") if cache_dir else None},
         "search": {"num_samples": arguments.trials, "max_epochs": arguments.max_epochs,
                    "grace_period": arguments.grace_period, "reduction_factor": arguments.reduction_factor,
-                   "max_concurrent_trials": arguments.concurrent, "storage_path": str(storage), "seed": seed,
+                   "rung_quorum": arguments.rung_quorum, "max_concurrent_trials": arguments.concurrent,
+                   "storage_path": str(storage), "seed": seed,
                    **SEARCHES[search]},
         "training": {"weights": "none"},
         "space": {"backbone": "MobileNetV2", "balancing": ["none", "class_weight", "undersample", "oversample"],
@@ -186,6 +192,7 @@ def main() -> int:
         .get("positive"),
         "image_size": arguments.image_size, "trials": arguments.trials, "max_epochs": arguments.max_epochs,
         "grace_period": arguments.grace_period, "reduction_factor": arguments.reduction_factor,
+        "rung_quorum": arguments.rung_quorum or math.ceil(arguments.reduction_factor),
         "seeds": arguments.seeds,
         "runs": rows,
         "per_seed": [{key: round(value, 4) if isinstance(value, float) else value for key, value in s.items()}
