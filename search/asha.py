@@ -26,6 +26,7 @@ import math
 from typing import Any
 
 import numpy as np
+import ray
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
@@ -191,10 +192,7 @@ class QuorumASHA(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         self._load_state(tune_controller)
         trials = tune_controller.get_trials()
-        for trial in trials:
-            if trial.status == Trial.PAUSED and trial.trial_id in self._failed:
-                logger.debug("Stopping trial %s, which did not pass its rung", trial)
-                tune_controller.stop_trial(trial)
+        self._stop_failed(tune_controller, trials)
         if self._is_idle(tune_controller, trials):
             for milestone in self._milestones:
                 if self._waiting[milestone]:
@@ -202,9 +200,7 @@ class QuorumASHA(FIFOScheduler):
                                  milestone, len(self._recorded[milestone]))
                     self._decide_waiting(milestone)
             self._publish(tune_controller)
-            for trial in trials:
-                if trial.status == Trial.PAUSED and trial.trial_id in self._failed:
-                    tune_controller.stop_trial(trial)
+            self._stop_failed(tune_controller, trials)
 
         for trial in trials:
             if trial.status == Trial.PENDING:
@@ -235,6 +231,22 @@ class QuorumASHA(FIFOScheduler):
             logger.debug("Waiting trial %s %s the rung at epoch %s", trial_id, "passed" if passed else "failed",
                          milestone)
         self._waiting[milestone].clear()
+
+    def _stop_failed(self, tune_controller, trials: list[Trial]) -> None:
+        """Stop the paused trials that did not pass their rung."""
+        controller = getattr(tune_controller, "_tune_controller", tune_controller)
+        for trial in trials:
+            if trial.status == Trial.PAUSED and trial.trial_id in self._failed:
+                logger.debug("Stopping trial %s, which did not pass its rung", trial)
+                tune_controller.stop_trial(trial)
+                # NOTE: Ray 2.60's stop_trial does not mark a paused trial for the next experiment state, which
+                # would then keep it PAUSED, and a resumed search would run it again. This marks it by hand.
+                mark = getattr(controller, "_mark_trial_to_checkpoint", None)
+                if mark is not None:
+                    mark(trial)
+                else:
+                    logger.warning("Cannot mark stopped trial %s for Tune's experiment state (Ray %s); it may show "
+                                   "as PAUSED there.", trial, ray.__version__)
 
     def _is_waiting(self, trial_id: str) -> bool:
         return any(trial_id in ids for ids in self._waiting.values())

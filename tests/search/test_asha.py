@@ -16,6 +16,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
+from results.export import _trial_states
 from search.asha import QuorumASHA, QuorumConcurrencyLimiter, rung_milestones
 
 CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
@@ -54,11 +55,16 @@ class FakeController:
         self.limiter = QuorumConcurrencyLimiter(CountingSearcher(), max_concurrent=max_concurrent)
         self.search_alg = FakeGenerator(self.limiter, total)
         self.trials: dict[str, FakeTrial] = {}
+        self.marked: list[str] = []
+
+    def _mark_trial_to_checkpoint(self, trial):
+        self.marked.append(trial.trial_id)
 
     def get_trials(self):
         return list(self.trials.values())
 
     def stop_trial(self, trial):
+        assert trial.status == Trial.PAUSED, f"only paused trials are stopped here, not {trial}"
         trial.status = Trial.TERMINATED
         self.scheduler.on_trial_remove(self, trial)
         self.limiter.on_trial_complete(trial.trial_id)
@@ -113,6 +119,8 @@ def test_rung_waits_for_quorum():
     assert chosen.trial_id == "t1"
     assert controller.trials["t0"].status == Trial.TERMINATED
     assert controller.trials["t2"].status == Trial.TERMINATED
+    # Tune's experiment state must show them stopped, or a resumed search would run them again.
+    assert sorted(controller.marked) == ["t0", "t2"]
     chosen.status = Trial.RUNNING
     assert controller.report("t1", 2, 0.91) == CONTINUE
     assert controller.limiter.waiting_trials == set()
@@ -333,6 +341,11 @@ def test_real_search_pauses_from_checkpoints(tmp_path):
     assert order[:order.index(5)].count(4) >= min(4, reached_rung_4), order
     # Scores grow with the trial's quality at every epoch, so the best trial at epoch 1 is the best at every
     # rung and must run all 8 epochs; most trials stop at epoch 1.
+    # Tune's experiment state shows every trial as finished, those stopped while paused included; a trial left
+    # PAUSED there would run again after --resume.
+    statuses = {trial_id: state["status"] for trial_id, state in _trial_states(tmp_path / "runs" / "asha").items()}
+    assert len(statuses) == 12
+    assert set(statuses.values()) == {"TERMINATED"}, statuses
     state = _saved_scheduler_state(tmp_path)
     assert len(state["recorded"][1]) == 12
     best = max(state["recorded"][1], key=state["recorded"][1].get)

@@ -153,6 +153,30 @@ def test_train_classifier_smote_mixed_precision(session, setup, monkeypatch):
     assert [r["epoch"] for r in session.reports] == [1]
 
 
+def test_train_classifier_xla_mixed_precision_on_cpu(session, setup, monkeypatch):
+    """XLA and mixed precision really compile and train here, on the CPU, not only with TensorFlow faked."""
+    import keras
+
+    from trainables import model as model_module
+
+    compiled = []
+    original_compile = model_module.compile_classifier
+
+    def recording_compile(classifier, *, learning_rate, jit_compile="auto"):
+        original_compile(classifier, learning_rate=learning_rate, jit_compile=jit_compile)
+        compiled.append((classifier.model.jit_compile, classifier.model.dtype_policy.name))
+
+    monkeypatch.setattr(model_module, "compile_classifier", recording_compile)
+    xla_setup = TrialSetup(**{**setup.__dict__, "max_epochs": 1, "mixed_precision": True, "jit_compile": True})
+    try:
+        train_classifier(CONFIG, xla_setup)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert compiled == [(True, "mixed_float16")]
+    assert [r["epoch"] for r in session.reports] == [1]
+    assert session.reports[0]["val_auc"] is None or 0.0 <= session.reports[0]["val_auc"] <= 1.0
+
+
 @pytest.fixture(scope="module")
 def weights_folder(tmp_path_factory) -> Path:
     """A folder with random MobileNetV2 weights under the ImageNet file name, as on an air-gapped cluster."""
