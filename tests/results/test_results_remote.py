@@ -17,33 +17,15 @@ import results.remote
 from results.cli import add_results_commands
 from results.evaluate import TestSplitAlreadyEvaluatedError
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
+pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
 
-DUMMY_AWS_ENVIRONMENT = {
-    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-}
-INHERITED_AWS_VARIABLES = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+pytestmark = pytest.mark.usefixtures("aws_test_environment")
 
 
 @pytest.fixture(scope="module")
-def endpoint():
-    """Start moto's S3 server on 127.0.0.1 and return ``HOST:PORT``."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def aws_environment(monkeypatch, tmp_path):
-    for name in INHERITED_AWS_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in DUMMY_AWS_ENVIRONMENT.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent-aws-credentials"))
+def endpoint(s3_endpoint):
+    """moto's S3 server on 127.0.0.1 (tests/conftest.py), as ``HOST:PORT``."""
+    return s3_endpoint
 
 
 def _s3(endpoint: str, **options) -> pafs.S3FileSystem:
