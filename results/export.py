@@ -7,6 +7,7 @@ never mixes types.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -86,15 +87,50 @@ def load_run_config(run_dir: Path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+# Columns of Tune's progress.csv that stay text even when they look like numbers.
+_TEXT_COLUMNS = {"trial_id", "date", "hostname", "node_ip", "checkpoint_dir_name"}
+
+
 def _read_results(trial_dir: Path) -> list[dict]:
+    """Return the trial's reported results, one per epoch in epoch order, from result.json and progress.csv."""
     path = trial_dir / "result.json"
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    # NOTE: when Ray 2.60 restarts a trial, it copies the trial's stored result.json over the local one. A trial
+    # that ASHA paused and restarted within about a second can lose its last rows there, while progress.csv
+    # keeps them, so rows missing from result.json come from progress.csv.
+    recorded = {row.get("epoch") for row in rows}
+    rows += [row for row in _read_progress_csv(trial_dir / "progress.csv") if row.get("epoch") not in recorded]
+    by_epoch = {row.get("epoch"): row for row in rows}
+    if None in by_epoch:
+        return rows
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def _read_progress_csv(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
+    with path.open(newline="", encoding="utf-8") as file:
+        return [{key: _csv_value(key, text) for key, text in row.items()} for row in csv.DictReader(file)]
+
+
+def _csv_value(key: str, text: str | None):
+    """Convert one progress.csv cell back to the type result.json has: None, bool, int, float or text."""
+    if text is None or text == "":
+        return None
+    if key in _TEXT_COLUMNS:
+        return text
+    if text in ("True", "False"):
+        return text == "True"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _trial_states(run_dir: Path) -> dict[str, dict]:
@@ -179,7 +215,7 @@ def export_run(run_dir: str | os.PathLike) -> pd.DataFrame:
         if results:
             best_index = int(np.argmax([v if v is not None else -np.inf for v in objectives]))
         best = results[best_index] if best_index is not None else {}
-        epochs_run = len(results)
+        epochs_run = max((int(r["epoch"]) for r in results if r.get("epoch") is not None), default=len(results))
         row = {
             "trial_id": trial_id, "status": status,
             **{field.name: params.get(field.name) for field in _HYPERPARAMETER_FIELDS},

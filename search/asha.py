@@ -145,6 +145,11 @@ class QuorumASHA(FIFOScheduler):
         if not self._metric or not self._mode:
             raise ValueError(f"{type(self).__name__} has no metric or mode: pass metric and mode to tune.TuneConfig.")
         self._load_state(tune_controller)
+        if trial.status == Trial.PENDING and (self._is_waiting(trial.trial_id) or trial.trial_id in self._failed
+                                              or trial.trial_id in self._passed):
+            # A resumed search re-adds paused trials as pending, and Tune starts every pending trial. Tune adds the
+            # trial to its status sets after this call, so marking it paused here keeps it at its rung's checkpoint.
+            trial.set_status(Trial.PAUSED)
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         self._load_state(tune_controller)

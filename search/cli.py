@@ -215,8 +215,11 @@ def _describe_scheduler(config) -> str:
     if not milestones:
         return f"ASHA has no rung below search.max_epochs ({max_epochs}), so every trial runs all its epochs."
     quorum = config.search["rung_quorum"] or math.ceil(factor)
-    return (f"ASHA rungs at epochs {', '.join(str(m) for m in milestones)} of {max_epochs}: the top 1/{factor:g} "
-            f"of each rung goes on, once {quorum} trials have reported there (search.rung_quorum).")
+    epochs = ", ".join(str(m) for m in milestones)
+    rungs = f"ASHA rungs at epochs {epochs} of {max_epochs}: the top 1/{factor:g} of each rung"
+    if quorum == 1:
+        return f"{rungs} goes on, each trial decided when it reports there (search.rung_quorum 1)."
+    return f"{rungs} goes on, once {quorum} trials have reported there (search.rung_quorum)."
 
 
 def _print_leaderboard(trials, metric: str, top: int = 10) -> None:

@@ -27,6 +27,9 @@ class FakeTrial:
     trial_id: str
     status: str = Trial.RUNNING
 
+    def set_status(self, status):
+        self.status = status
+
 
 class CountingSearcher(Searcher):
     def __init__(self):
@@ -231,6 +234,26 @@ def test_state_restored_from_limiter():
     restored_controller.trials["new"] = FakeTrial("new")
     assert restored.on_trial_result(restored_controller, restored_controller.trials["new"],
                                     {"training_iteration": 1, "score": 0.2}) == STOP
+
+
+def test_resumed_waiting_trial_stays_paused():
+    scheduler = new_scheduler()
+    controller = FakeController(scheduler)
+    for index, score in enumerate([0.5, 0.9]):
+        controller.add(f"t{index}")
+        controller.report(f"t{index}", 1, score)
+    saved = pickle.loads(pickle.dumps(controller.limiter.get_state()))
+
+    restored = new_scheduler()
+    restored_controller = FakeController(restored)
+    restored_controller.limiter.set_state(saved)
+    # A resumed search re-adds unfinished trials as pending; a new trial stays pending.
+    waiting = FakeTrial("t0", Trial.PENDING)
+    new = FakeTrial("new", Trial.PENDING)
+    restored.on_trial_add(restored_controller, waiting)
+    restored.on_trial_add(restored_controller, new)
+    assert waiting.status == Trial.PAUSED
+    assert new.status == Trial.PENDING
 
 
 def test_restarted_waiting_trial_pauses():
