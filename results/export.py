@@ -99,9 +99,10 @@ def _read_results(trial_dir: Path) -> list[dict]:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 rows.append(json.loads(line))
-    # NOTE: when Ray 2.60 restarts a trial, it copies the trial's stored result.json over the local one. A trial
-    # that ASHA paused and restarted within about a second can lose its last rows there, while progress.csv
-    # keeps them, so rows missing from result.json come from progress.csv.
+    # NOTE: when Ray 2.60 restarts a trial from a checkpoint, its loggers copy the stored result.json and
+    # progress.csv over the local ones. A trial that ASHA paused and restarted within about a second lost its
+    # last result.json rows that way in two kill-and-resume runs, while progress.csv kept them, so rows
+    # missing from result.json come from progress.csv.
     recorded = {row.get("epoch") for row in rows}
     rows += [row for row in _read_progress_csv(trial_dir / "progress.csv") if row.get("epoch") not in recorded]
     by_epoch = {row.get("epoch"): row for row in rows}
