@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -152,6 +151,7 @@ def main() -> int:
     import ray
 
     from search import driver
+    from search.asha import resolve_quorum
 
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -192,7 +192,7 @@ def main() -> int:
         .get("positive"),
         "image_size": arguments.image_size, "trials": arguments.trials, "max_epochs": arguments.max_epochs,
         "grace_period": arguments.grace_period, "reduction_factor": arguments.reduction_factor,
-        "rung_quorum": arguments.rung_quorum or math.ceil(arguments.reduction_factor),
+        "rung_quorum": resolve_quorum(arguments.rung_quorum, arguments.reduction_factor),
         "seeds": arguments.seeds,
         "runs": rows,
         "per_seed": [{key: round(value, 4) if isinstance(value, float) else value for key, value in s.items()}

@@ -1,9 +1,10 @@
 """Run folders on a local disk or in object storage, through ``pyarrow.fs``.
 
 A storage path is either a plain path (``~/lesiontune_runs``), used as a local folder, or a URI that
-``pyarrow.fs.FileSystem.from_uri`` reads: ``s3://BUCKET/PREFIX``, ``gs://BUCKET/PREFIX``,
-``abfs://ACCOUNT@CONTAINER/PREFIX`` (Azure Blob Storage; ``abfss://`` is the same), ``file:///ABSOLUTE/PATH``,
-and compatible servers through the query, e.g. ``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``.
+``pyarrow.fs.FileSystem.from_uri`` reads. The URIs are ``s3://BUCKET/PREFIX``, ``gs://BUCKET/PREFIX``,
+``abfs://ACCOUNT@CONTAINER/PREFIX`` (Azure Blob Storage, also as ``abfss://``) and ``file:///ABSOLUTE/PATH``.
+Compatible servers are reached through the query, e.g.
+``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``.
 Credentials come from the environment (``AWS_ACCESS_KEY_ID`` ..., ``GOOGLE_APPLICATION_CREDENTIALS``,
 ``AZURE_STORAGE_KEY``) or from the URI's user part (``s3://KEY:SECRET@bucket/...``,
 ``abfs://ACCOUNT:KEY@HOST:PORT/CONTAINER/...``). Messages and logs show a URI with the user part and
@@ -285,17 +286,17 @@ def _query_pairs(uri: str) -> list[tuple[str, str]]:
 def _split_gcs_anonymous(uri: str, masked: str) -> tuple[str, bool]:
     """Remove the query key ``anonymous`` from a gs:// URI; return the URI for pyarrow and the key's value."""
     head, _, query = uri.partition("?")
-    kept, anonymous = [], False
+    passed_on, anonymous = [], False
     for pair in query.split("&") if query else []:
         key, _, value = pair.partition("=")
         if key != GCS_ANONYMOUS_QUERY_KEY:
-            kept.append(pair)
+            passed_on.append(pair)
         elif value.lower() in _TRUE_TEXTS + _FALSE_TEXTS:
             anonymous = value.lower() in _TRUE_TEXTS
         else:
             raise ValueError(f"Invalid storage path {masked}: {GCS_ANONYMOUS_QUERY_KEY}={value!r} is not a boolean. "
                              f"Write {GCS_ANONYMOUS_QUERY_KEY}=true or {GCS_ANONYMOUS_QUERY_KEY}=false.")
-    return (f"{head}?{'&'.join(kept)}" if kept else head), anonymous
+    return (f"{head}?{'&'.join(passed_on)}" if passed_on else head), anonymous
 
 
 def _anonymous_gcs_filesystem(filesystem: pafs.FileSystem) -> pafs.GcsFileSystem:

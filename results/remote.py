@@ -31,7 +31,7 @@ __all__ = ["RunCopy", "staged_runs"]
 
 logger = logging.getLogger(__name__)
 
-# What a command reads from each checkpoint folder before it loads a model.
+# Files that a command reads from each checkpoint folder before it loads a model.
 CHECKPOINT_METADATA_FILES = (STATE_FILE, SCORES_FILE)
 
 

@@ -31,7 +31,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-__all__ = ["QuorumASHA", "QuorumConcurrencyLimiter", "rung_milestones"]
+__all__ = ["QuorumASHA", "QuorumConcurrencyLimiter", "resolve_quorum", "rung_milestones"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ def rung_milestones(*, grace_period: int, max_t: int, reduction_factor: float) -
         if not milestones or milestone > milestones[-1]:
             milestones.append(milestone)
         k += 1
+
+
+def resolve_quorum(quorum: int | None, reduction_factor: float) -> int:
+    """Return the rung quorum: ``quorum`` when set, else the reduction factor rounded up."""
+    return math.ceil(reduction_factor) if quorum is None else int(quorum)
 
 
 class QuorumASHA(FIFOScheduler):
@@ -71,7 +76,7 @@ class QuorumASHA(FIFOScheduler):
             raise ValueError(f"reduction_factor must be > 1, got {reduction_factor}.")
         if grace_period < 1 or grace_period > max_t:
             raise ValueError(f"grace_period must be in [1, max_t={max_t}], got {grace_period}.")
-        quorum = math.ceil(reduction_factor) if quorum is None else quorum
+        quorum = resolve_quorum(quorum, reduction_factor)
         if quorum < 1:
             raise ValueError(f"quorum must be at least 1, got {quorum}.")
         super().__init__()
@@ -79,7 +84,7 @@ class QuorumASHA(FIFOScheduler):
         self._time_attr = time_attr
         self._max_t = max_t
         self._reduction_factor = float(reduction_factor)
-        self._quorum = int(quorum)
+        self._quorum = quorum
         self._max_concurrent = int(max_concurrent)
         self._milestones = rung_milestones(grace_period=grace_period, max_t=max_t, reduction_factor=reduction_factor)
         self._recorded: dict[int, dict[str, float]] = {m: {} for m in self._milestones}
@@ -158,13 +163,13 @@ class QuorumASHA(FIFOScheduler):
         trial_id, epoch = trial.trial_id, result[self._time_attr]
         if trial_id in self._failed:
             # The trial failed its rung while a crash or a resume restarted it, so it stops now.
-            return self._stop(tune_controller, trial_id)
+            return self._stop(tune_controller)
         if self._is_waiting(trial_id):
-            # A resumed search starts paused trials again, so a waiting trial pauses again.
+            # A waiting trial that Tune restarted anyway pauses again at its next result.
             return TrialScheduler.PAUSE
         self._passed.discard(trial_id)
         if epoch >= self._max_t:
-            return self._stop(tune_controller, trial_id)
+            return self._stop(tune_controller)
 
         value = float(result[self._metric]) * (1.0 if self._mode == "max" else -1.0)
         milestone = next((m for m in reversed(self._milestones) if epoch >= m and trial_id not in self._recorded[m]),
@@ -183,7 +188,7 @@ class QuorumASHA(FIFOScheduler):
         if value >= self._cutoff(milestone):
             self._publish(tune_controller)
             return TrialScheduler.CONTINUE
-        return self._stop(tune_controller, trial_id)
+        return self._stop(tune_controller)
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         self._forget(tune_controller, trial.trial_id)
@@ -266,7 +271,7 @@ class QuorumASHA(FIFOScheduler):
             return False
         return tune_controller.search_alg.is_finished()
 
-    def _stop(self, tune_controller, trial_id: str) -> str:
+    def _stop(self, tune_controller) -> str:
         self._num_stopped += 1
         self._publish(tune_controller)
         return TrialScheduler.STOP

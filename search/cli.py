@@ -203,9 +203,7 @@ def _print_dry_run(config) -> int:
 
 def _describe_scheduler(config) -> str:
     """Return one line on when trials stop: ASHA's rungs and quorum, or every trial running all its epochs."""
-    import math
-
-    from search.asha import rung_milestones
+    from search.asha import resolve_quorum, rung_milestones
 
     max_epochs, factor = int(config.search["max_epochs"]), float(config.search["reduction_factor"])
     milestones = rung_milestones(grace_period=int(config.search["grace_period"]), max_t=max_epochs,
@@ -214,7 +212,7 @@ def _describe_scheduler(config) -> str:
         return f"FIFO scheduler: every trial runs all {max_epochs} epochs."
     if not milestones:
         return f"ASHA has no rung below search.max_epochs ({max_epochs}), so every trial runs all its epochs."
-    quorum = config.search["rung_quorum"] or math.ceil(factor)
+    quorum = resolve_quorum(config.search["rung_quorum"], factor)
     epochs = ", ".join(str(m) for m in milestones)
     rungs = f"ASHA rungs at epochs {epochs} of {max_epochs}: the top 1/{factor:g} of each rung"
     if quorum == 1:

@@ -17,7 +17,7 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
 from results.export import _trial_states
-from search.asha import QuorumASHA, QuorumConcurrencyLimiter, rung_milestones
+from search.asha import QuorumASHA, QuorumConcurrencyLimiter, resolve_quorum, rung_milestones
 
 CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
 
@@ -267,12 +267,24 @@ def test_restarted_waiting_trial_pauses():
 
 
 def test_invalid_settings_raise():
-    with pytest.raises(ValueError, match="reduction_factor"):
+    with pytest.raises(ValueError, match=r"reduction_factor must be > 1, got 1\."):
         QuorumASHA(max_t=8, reduction_factor=1)
-    with pytest.raises(ValueError, match="grace_period"):
+    with pytest.raises(ValueError, match=r"grace_period must be in \[1, max_t=4\], got 5\."):
         QuorumASHA(max_t=4, grace_period=5)
-    with pytest.raises(ValueError, match="quorum"):
+    with pytest.raises(ValueError, match=r"quorum must be at least 1, got 0\."):
         QuorumASHA(max_t=8, quorum=0)
+
+
+def test_missing_metric_raises():
+    scheduler = QuorumASHA(max_t=8)
+    with pytest.raises(ValueError, match="QuorumASHA has no metric or mode: pass metric and mode to tune.TuneConfig"):
+        scheduler.on_trial_add(FakeController(scheduler), FakeTrial("t0", Trial.PENDING))
+
+
+def test_resolve_quorum_default():
+    assert resolve_quorum(None, 4) == 4
+    assert resolve_quorum(None, 2.5) == 3
+    assert resolve_quorum(1, 4) == 1
 
 
 # A cheap Tune trainable: a fixed learning curve per trial, one checkpoint per epoch, so that pausing and
